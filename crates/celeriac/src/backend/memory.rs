@@ -1,0 +1,80 @@
+//! In-process result backend (`memory://`), for eager mode and tests. Waiters are woken on
+//! every write instead of polling.
+
+use super::{BackendError, ResultBackend, StoreOutcome, may_overwrite};
+use crate::protocol::ResultMeta;
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The in-memory backend.
+#[derive(Debug, Default)]
+pub struct MemoryBackend {
+    records: Mutex<HashMap<String, (ResultMeta, Option<Instant>)>>,
+    written: Notify,
+}
+
+impl MemoryBackend {
+    /// An empty backend.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ResultMeta, Option<Instant>)>> {
+        self.records.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+#[async_trait]
+impl ResultBackend for MemoryBackend {
+    fn url(&self) -> String {
+        "memory://".to_owned()
+    }
+
+    async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError> {
+        let outcome = {
+            let mut records = self.lock();
+            if may_overwrite(records.get(&meta.task_id).map(|(m, _)| &m.status)) {
+                records.insert(meta.task_id.clone(), (meta.clone(), expires.map(|e| Instant::now() + e)));
+                StoreOutcome::Stored
+            } else {
+                StoreOutcome::KeptSuccess
+            }
+        };
+        self.written.notify_waiters();
+        Ok(outcome)
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let records = self.lock();
+        Ok(records.get(task_id).filter(|(_, exp)| exp.is_none_or(|e| e > Instant::now())).map(|(m, _)| m.clone()))
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        self.lock().remove(task_id);
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<u64, BackendError> {
+        let now = Instant::now();
+        let mut records = self.lock();
+        let before = records.len();
+        records.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
+        Ok((before - records.len()) as u64)
+    }
+
+    async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.written.notified();
+            let meta = self.get(task_id).await?;
+            if meta.as_ref().is_some_and(|m| m.status.is_ready()) || Instant::now() >= deadline {
+                return Ok(meta);
+            }
+            let _ = tokio::time::timeout_at(deadline, notified).await;
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Result backends: where task states and return values are stored, in Celery's result record
+//! format ([`crate::protocol::ResultMeta`]).
+//!
+//! [`ResultBackend`] is the one seam; a SUCCESS record is never overwritten by a later write
+//! (Celery's rule, which makes a late duplicate delivery harmless). One module per store:
+//! `memory`, `sqlite`.
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use crate::protocol::{ResultMeta, State};
+use async_trait::async_trait;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A result backend failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The URL's scheme is not a backend this build has.
+    #[error("unsupported result backend URL {url:?}: {hint}")]
+    UnsupportedUrl {
+        /// The URL (password removed).
+        url: String,
+        /// What would work instead.
+        hint: String,
+    },
+    /// The store failed.
+    #[error("result backend {operation} failed: {source}")]
+    Storage {
+        /// What was being done.
+        operation: &'static str,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A stored record is not a Celery result record.
+    #[error("stored result for {task_id} is corrupt: {source}")]
+    Corrupt {
+        /// Task id.
+        task_id: String,
+        /// The decode error.
+        source: serde_json::Error,
+    },
+}
+
+impl BackendError {
+    /// Wraps a storage error.
+    pub fn storage(operation: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BackendError::Storage { operation, source: Box::new(source) }
+    }
+}
+
+/// What a store call did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// The record was written.
+    Stored,
+    /// A SUCCESS record was already there; nothing was written.
+    KeptSuccess,
+}
+
+/// A result store.
+#[async_trait]
+pub trait ResultBackend: Send + Sync + 'static {
+    /// The URL with any password removed, for logs.
+    fn url(&self) -> String;
+
+    /// Writes `meta` under `meta.task_id`, expiring after `expires` (never when `None`),
+    /// unless a SUCCESS record is already stored.
+    async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError>;
+
+    /// The record of `task_id`; `None` when unknown (PENDING).
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError>;
+
+    /// Deletes the record of `task_id`.
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError>;
+
+    /// Deletes expired records; returns how many.
+    async fn cleanup(&self) -> Result<u64, BackendError>;
+
+    /// Waits until `task_id` is ready or `timeout` passes; returns the last record seen.
+    /// The default polls with a growing interval (5 ms to 200 ms).
+    async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = Duration::from_millis(5);
+        loop {
+            let meta = self.get(task_id).await?;
+            if meta.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                return Ok(meta);
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + interval)).await;
+            interval = (interval * 2).min(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Whether a write of `new` may replace `old`: everything but a stored SUCCESS.
+pub(crate) fn may_overwrite(old: Option<&State>) -> bool {
+    old != Some(&State::Success)
+}
+
+/// Opens the backend a URL names: `memory://`, `sqlite://path`.
+pub async fn from_url(url: &str) -> Result<Arc<dyn ResultBackend>, BackendError> {
+    if url.starts_with("memory://") {
+        return Ok(Arc::new(memory::MemoryBackend::new()));
+    }
+    #[cfg(feature = "sqlite")]
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?));
+    }
+    Err(BackendError::UnsupportedUrl {
+        url: crate::broker::redact(url),
+        hint: "use sqlite://path.db (the default) or memory://".to_owned(),
+    })
+}

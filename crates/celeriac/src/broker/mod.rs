@@ -1,0 +1,214 @@
+//! Brokers: where task messages wait until a worker takes them.
+//!
+//! [`Broker`] is the one seam every transport implements; the worker and the client only ever
+//! see `Arc<dyn Broker>`. Messages travel as kombu envelopes ([`crate::protocol::Message`]
+//! `to_wire` bytes), so every transport stores the same bytes Celery's virtual transports do.
+//! A delivery is leased, not removed: until [`Broker::ack`], a worker that dies gives its
+//! messages back when the lease runs out. Dead letters (messages that cannot or must not run)
+//! are kept by the broker with the reason and the original bytes.
+//!
+//! One module per transport: `memory` (in process), `sqlite` (embedded default).
+
+pub mod memory;
+#[cfg(feature = "sqlite")]
+pub mod sqlite;
+
+use crate::protocol::Message;
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A broker failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BrokerError {
+    /// The URL's scheme is not a broker this build has.
+    #[error("unsupported broker URL {url:?}: {hint}")]
+    UnsupportedUrl {
+        /// The URL (password removed).
+        url: String,
+        /// What would work instead.
+        hint: String,
+    },
+    /// The storage behind the broker failed.
+    #[error("broker {operation} failed: {source}")]
+    Storage {
+        /// What was being done.
+        operation: &'static str,
+        /// The underlying error.
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A message to publish could not be encoded.
+    #[error("cannot publish message {task_id}: {problem}")]
+    Publish {
+        /// Task id.
+        task_id: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl BrokerError {
+    /// Wraps a storage error.
+    pub fn storage(operation: &'static str, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        BrokerError::Storage { operation, source: Box::new(source) }
+    }
+}
+
+/// A message handed to a worker, leased until acked, requeued or dead-lettered.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// Identifies this delivery to the broker (includes the lease token).
+    pub tag: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// The envelope bytes exactly as stored.
+    pub payload: Vec<u8>,
+    /// How many times it has been delivered, this time included.
+    pub delivery_count: u32,
+}
+
+impl Delivery {
+    /// Whether an earlier delivery of this message was not acknowledged.
+    pub fn redelivered(&self) -> bool {
+        self.delivery_count > 1
+    }
+}
+
+/// A message that could not or must not run, kept with the reason.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// Dead-letter id (for `show`, `replay`).
+    pub id: String,
+    /// The queue it came from.
+    pub queue: String,
+    /// Task id, if the envelope could be read.
+    pub task_id: Option<String>,
+    /// Task name, if the envelope could be read.
+    pub task_name: Option<String>,
+    /// Why it was dead-lettered.
+    pub reason: String,
+    /// The original bytes.
+    pub payload: Vec<u8>,
+    /// When.
+    pub created_at: DateTime<Utc>,
+}
+
+/// Counts for one queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Queue name.
+    pub queue: String,
+    /// Waiting and due now.
+    pub ready: u64,
+    /// Waiting for a future ETA.
+    pub scheduled: u64,
+    /// Held by workers (prefetched or running).
+    pub leased: u64,
+}
+
+/// A message transport.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// The URL with any password removed, for logs.
+    fn url(&self) -> String;
+
+    /// How long a delivery stays leased without renewal; the worker renews at a third of it.
+    fn lease(&self) -> Duration;
+
+    /// Queues `message` on `queue`, visible at its ETA (now when none).
+    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError>;
+
+    /// Takes up to `max` due messages from `queues` (earlier queues first), waiting up to
+    /// `wait` for the first one. Returns an empty list when nothing came.
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// Removes a delivered message for good. Acking a delivery whose lease was lost to
+    /// another worker is a no-op that returns `false`.
+    async fn ack(&self, delivery: &Delivery) -> Result<bool, BrokerError>;
+
+    /// Returns a delivered message to its queue, due at `at` (now when `None`).
+    async fn requeue(&self, delivery: &Delivery, at: Option<DateTime<Utc>>) -> Result<(), BrokerError>;
+
+    /// Extends the lease of held deliveries.
+    async fn renew(&self, deliveries: &[Delivery]) -> Result<(), BrokerError>;
+
+    /// Publishes `message` to `queue` and acks `delivery`, atomically where the transport can
+    /// (a retry must never both vanish and never run twice).
+    async fn republish(&self, delivery: &Delivery, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        self.publish(queue, message).await?;
+        self.ack(delivery).await?;
+        Ok(())
+    }
+
+    /// Moves a delivery to the dead-letter queue with `reason` (acking it).
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError>;
+
+    /// Dead letters, newest first.
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError>;
+
+    /// One dead letter by id.
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BrokerError>;
+
+    /// Removes one dead letter (after a replay); returns whether it existed.
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BrokerError>;
+
+    /// Removes every dead letter; returns how many.
+    async fn purge_dead_letters(&self) -> Result<u64, BrokerError>;
+
+    /// Removes every waiting (not leased) message from `queue`; returns how many.
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError>;
+
+    /// Counts per queue.
+    async fn stats(&self) -> Result<Vec<QueueStats>, BrokerError>;
+}
+
+/// Opens the broker a URL names: `memory://`, `sqlite://path`.
+pub async fn from_url(url: &str, config: &crate::Config) -> Result<Arc<dyn Broker>, BrokerError> {
+    if url.starts_with("memory://") {
+        return Ok(Arc::new(memory::MemoryBroker::new()));
+    }
+    #[cfg(feature = "sqlite")]
+    if url.starts_with("sqlite:") {
+        return Ok(Arc::new(sqlite::SqliteBroker::connect(url, config).await?));
+    }
+    let _ = config;
+    Err(BrokerError::UnsupportedUrl { url: redact(url), hint: "use sqlite://path.db (the default) or memory://".to_owned() })
+}
+
+/// `scheme://user:password@host` → `scheme://user:***@host`.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// When a message should become visible: its ETA, or now.
+pub(crate) fn visible_at(message: &Message) -> DateTime<Utc> {
+    message.headers.eta_time().unwrap_or_else(Utc::now)
+}
+
+/// Task id and name of raw envelope bytes, if they can be read.
+pub(crate) fn peek_ids(payload: &[u8]) -> (Option<String>, Option<String>) {
+    match Message::from_wire(payload) {
+        Ok(m) => (Some(m.headers.id), Some(m.headers.task)),
+        Err(_) => (None, None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(super::redact("redis://u:secret@h:6379/0"), "redis://u:***@h:6379/0");
+        assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

@@ -1,0 +1,217 @@
+//! Running one task call: builds the request context, runs the task future on its own tokio
+//! task (so a panic becomes a FAILURE, not a dead worker), enforces time limits, and turns what
+//! happened into a [`Decision`] with Celery's retry rules. Acting on the decision (storing,
+//! acking, republishing) is the caller's job: `consumer` for the worker, `eager` inline.
+
+use crate::app::App;
+use crate::protocol::{ExceptionInfo, Message, TaskBody};
+use crate::retry::RetryDecision;
+use crate::task::{Args, ArgumentError, Request, Task, TaskError, TaskOptions};
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// What to do with a finished run.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Decision {
+    /// Store SUCCESS with the value.
+    Success(Value),
+    /// Publish again at `eta` with `retries + 1`; store RETRY with `exc`.
+    Retry { eta: DateTime<Utc>, exc: Option<ExceptionInfo> },
+    /// Store FAILURE.
+    Failure { exc: ExceptionInfo, traceback: Option<String>, timed_out: bool },
+    /// Reject the message.
+    Reject { requeue: bool, reason: String },
+    /// Acknowledge and store nothing.
+    Ignore,
+    /// The arguments do not fit: FAILURE (TypeError) and dead-letter.
+    BadArguments(ArgumentError),
+}
+
+/// Effective options: the task's, filled in from the config and the message.
+#[derive(Debug, Clone)]
+pub(crate) struct Effective {
+    pub options: TaskOptions,
+    pub acks_late: bool,
+    pub ignore_result: bool,
+    pub track_started: bool,
+    pub time_limit: Option<f64>,
+    pub soft_time_limit: Option<f64>,
+}
+
+impl Effective {
+    pub(crate) fn new(app: &App, task: &dyn Task, message: &Message) -> Self {
+        let options = task.options();
+        let config = app.config();
+        let (hard, soft) = message.headers.time_limits();
+        Effective {
+            acks_late: options.acks_late.unwrap_or(config.task_acks_late),
+            ignore_result: message.headers.ignore_result || options.ignore_result.unwrap_or(config.task_ignore_result),
+            track_started: options.track_started.unwrap_or(config.task_track_started),
+            time_limit: hard.or(options.time_limit).or(config.task_time_limit),
+            soft_time_limit: soft.or(options.soft_time_limit).or(config.task_soft_time_limit),
+            options,
+        }
+    }
+}
+
+/// The request context for `message`.
+pub(crate) fn request(app: &App, message: &Message, body: &TaskBody, hostname: &str, redelivered: bool, is_eager: bool) -> Request {
+    let h = &message.headers;
+    Request {
+        id: h.id.clone(),
+        task: h.task.clone(),
+        retries: h.retries,
+        root_id: h.root_id.clone(),
+        parent_id: h.parent_id.clone(),
+        group: h.group.clone(),
+        group_index: h.group_index,
+        eta: h.eta_time(),
+        expires: h.expires_time(),
+        delivery_info: message.properties.delivery_info.clone(),
+        priority: message.properties.priority,
+        redelivered,
+        hostname: hostname.to_owned(),
+        args: body.args.clone(),
+        kwargs: body.kwargs.clone(),
+        is_eager,
+        app: app.clone(),
+        soft_limit: CancellationToken::new(),
+    }
+}
+
+/// Runs the task and decides what its result means.
+pub(crate) async fn run(task: Arc<dyn Task>, request: Request, effective: &Effective) -> Decision {
+    let args = Args::new(request.task.clone(), request.args.clone(), request.kwargs.clone());
+    let retries = request.retries;
+    let soft = request.soft_limit.clone();
+    let mut handle = tokio::spawn(task.run(request, args));
+    let soft_timer = effective.soft_time_limit.map(|s| {
+        let soft = soft.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(s)).await;
+            soft.cancel();
+        })
+    });
+    let joined = match effective.time_limit {
+        Some(limit) => match tokio::time::timeout(Duration::from_secs_f64(limit), &mut handle).await {
+            Ok(joined) => Some(joined),
+            Err(_) => {
+                handle.abort();
+                None
+            }
+        },
+        None => Some((&mut handle).await),
+    };
+    if let Some(t) = soft_timer {
+        t.abort();
+    }
+    let result = match joined {
+        None => {
+            return Decision::Failure {
+                exc: ExceptionInfo::time_limit_exceeded(effective.time_limit.unwrap_or_default()),
+                traceback: None,
+                timed_out: true,
+            };
+        }
+        Some(Err(join_error)) => {
+            let message = panic_message(join_error);
+            Err(TaskError::Failure { exc: ExceptionInfo::new("Panic", message, "celeriac"), traceback: None })
+        }
+        Some(Ok(result)) => result,
+    };
+    decide(result, retries, &effective.options, soft.is_cancelled().then_some(effective.soft_time_limit).flatten())
+}
+
+fn panic_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return "task was cancelled".to_owned();
+    }
+    let payload = e.into_panic();
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        format!("task panicked: {s}")
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        format!("task panicked: {s}")
+    } else {
+        "task panicked".to_owned()
+    }
+}
+
+/// Applies Celery's retry rules to a task's result.
+pub(crate) fn decide(result: Result<Value, TaskError>, retries: u32, options: &TaskOptions, _soft_hit: Option<f64>) -> Decision {
+    let policy = &options.retry;
+    let now = Utc::now();
+    let after = |countdown: f64| now + chrono::Duration::milliseconds((countdown * 1000.0) as i64);
+    match result {
+        Ok(v) => Decision::Success(v),
+        Err(TaskError::Ignore) => Decision::Ignore,
+        Err(TaskError::Reject { requeue, reason }) => Decision::Reject { requeue, reason },
+        Err(TaskError::Arguments(e)) => Decision::BadArguments(e),
+        Err(TaskError::Failure { exc, traceback }) => match policy.on_error(&exc, retries) {
+            RetryDecision::Retry { countdown } => Decision::Retry { eta: after(countdown), exc: Some(exc) },
+            RetryDecision::Fail => Decision::Failure { exc, traceback, timed_out: false },
+            RetryDecision::MaxRetriesExceeded => max_exceeded(Some(&exc), traceback),
+        },
+        Err(TaskError::Retry(r)) => match policy.on_retry_request(r.countdown, retries, r.max_retries) {
+            RetryDecision::Retry { countdown } => Decision::Retry { eta: r.eta.unwrap_or_else(|| after(countdown)), exc: r.exc },
+            _ => max_exceeded(r.exc.as_ref(), None),
+        },
+    }
+}
+
+fn max_exceeded(last: Option<&ExceptionInfo>, traceback: Option<String>) -> Decision {
+    // Task name and id are filled in by the caller, which knows them.
+    Decision::Failure { exc: ExceptionInfo::max_retries_exceeded("{task}", "{id}", last), traceback, timed_out: false }
+}
+
+/// Fills the task name and id into a MaxRetriesExceededError message.
+pub(crate) fn name_failure(decision: Decision, task: &str, id: &str) -> Decision {
+    match decision {
+        Decision::Failure { mut exc, traceback, timed_out } if exc.exc_type == "MaxRetriesExceededError" => {
+            if let Some(Value::String(m)) = exc.exc_message.first_mut() {
+                *m = m.replacen("{task}", task, 1).replacen("{id}", id, 1);
+            }
+            Decision::Failure { exc, traceback, timed_out }
+        }
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retry::{Backoff, RetryPolicy};
+
+    fn opts(max: Option<u32>) -> TaskOptions {
+        TaskOptions {
+            retry: RetryPolicy { max_retries: max, autoretry_for: vec!["Flaky".into()], backoff: Some(Backoff { factor: 1, maximum: 600, jitter: false }), ..Default::default() },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn flaky_errors_retry_until_the_budget_is_spent() {
+        let flaky = || Err(TaskError::new("Flaky", "503"));
+        assert!(matches!(decide(flaky(), 0, &opts(Some(2)), None), Decision::Retry { .. }));
+        assert!(matches!(decide(flaky(), 1, &opts(Some(2)), None), Decision::Retry { .. }));
+        let Decision::Failure { exc, .. } = name_failure(decide(flaky(), 2, &opts(Some(2)), None), "t.x", "id1") else { panic!() };
+        assert_eq!(exc.exc_type, "MaxRetriesExceededError");
+        assert!(exc.message().starts_with("Can't retry t.x[id1]"), "{}", exc.message());
+        assert_eq!(exc.exc_message[1]["exc_type"], "Flaky", "carries the last error");
+        assert!(matches!(decide(Err(TaskError::new("Fatal", "x")), 0, &opts(Some(2)), None), Decision::Failure { .. }));
+    }
+
+    #[test]
+    fn explicit_retry_uses_its_countdown_and_eta() {
+        let before = Utc::now();
+        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().countdown(60.0).into()), 0, &opts(Some(3)), None) else { panic!() };
+        assert!(eta >= before + chrono::Duration::seconds(59) && eta <= Utc::now() + chrono::Duration::seconds(61));
+        let fixed = before + chrono::Duration::hours(1);
+        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().eta(fixed).into()), 0, &opts(Some(3)), None) else { panic!() };
+        assert_eq!(eta, fixed);
+        let unlimited = TaskError::retry().max_retries(None).into();
+        assert!(matches!(decide(Err(unlimited), 99, &opts(Some(3)), None), Decision::Retry { .. }));
+    }
+}
