@@ -36,6 +36,8 @@ pub mod canvas;
 pub mod cli;
 pub mod config;
 mod error;
+#[cfg(feature = "sqlite")]
+mod sqlite_common;
 pub mod protocol;
 pub mod reporter;
 pub mod result;

@@ -212,3 +212,36 @@ mod tests {
         assert_eq!(super::redact("sqlite://x.db"), "sqlite://x.db");
     }
 }
+
+/// Why a dead letter cannot be replayed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReplayError {
+    /// No dead letter has that id.
+    #[error("no dead letter with id {0:?} (see `celeriac dlq list`)")]
+    NotFound(String),
+    /// Its bytes are not a task message, so there is nothing to run; inspect and purge it.
+    #[error("dead letter {id} cannot be replayed: {problem}")]
+    Undecodable {
+        /// Dead-letter id.
+        id: String,
+        /// Why it does not decode.
+        problem: String,
+    },
+    /// The broker failed.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Puts a dead letter back on its queue with a fresh retry budget (retries 0, no ETA) and
+/// removes it from the dead-letter queue. Returns the task id.
+pub async fn replay_dead_letter(broker: &dyn Broker, id: &str) -> Result<String, ReplayError> {
+    let dead = broker.dead_letter_by_id(id).await?.ok_or_else(|| ReplayError::NotFound(id.to_owned()))?;
+    let mut message = Message::from_wire(&dead.payload).map_err(|e| ReplayError::Undecodable { id: id.to_owned(), problem: e.to_string() })?;
+    message.headers.retries = 0;
+    message.headers.eta = None;
+    message.properties.delivery_tag = Some(uuid::Uuid::new_v4().to_string());
+    broker.publish(&dead.queue, &message).await?;
+    broker.remove_dead_letter(id).await?;
+    Ok(message.headers.id)
+}

@@ -1,1 +1,210 @@
-//! placeholder
+//! The command line: `worker`, `call`, `result`, `purge`, `dlq`, `inspect`.
+//!
+//! A user binary gets every subcommand with its own tasks registered:
+//!
+//! ```no_run
+//! # use celeriac::{App, TaskResult, task};
+//! #[task]
+//! async fn add(x: i64, y: i64) -> TaskResult<i64> { Ok(x + y) }
+//!
+//! fn main() -> std::process::ExitCode {
+//!     celeriac::cli::main(App::builder().from_env().task(add))
+//! }
+//! ```
+
+mod commands;
+
+use crate::app::AppBuilder;
+use clap::{Args as ClapArgs, Parser, Subcommand, ValueEnum};
+use std::process::ExitCode;
+
+/// Command-line arguments.
+#[derive(Debug, Parser)]
+#[command(name = "celeriac", version, about = "A Celery-compatible task queue in Rust")]
+pub struct Cli {
+    /// Broker URL (overrides `broker_url`, `CELERY_BROKER_URL`).
+    #[arg(long, short = 'b', global = true)]
+    pub broker: Option<String>,
+    /// Result backend URL (overrides `result_backend`, `CELERY_RESULT_BACKEND`).
+    #[arg(long, global = true)]
+    pub backend: Option<String>,
+    /// Log level or filter (`info`, `debug`, `celeriac=trace`).
+    #[arg(long, short = 'l', global = true, default_value = "info", env = "CELERIAC_LOG")]
+    pub loglevel: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "CELERIAC_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One readable line per event.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a worker until SIGINT/SIGTERM (twice to stop at once).
+    Worker(WorkerArgs),
+    /// Send a task by name.
+    Call(CallArgs),
+    /// Show a task's stored result.
+    Result {
+        /// Task id.
+        id: String,
+        /// Wait for it to be ready.
+        #[arg(long)]
+        wait: bool,
+        /// Seconds to wait.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Delete every waiting message of a queue.
+    Purge {
+        /// Queue (default `task_default_queue`).
+        #[arg(long, short = 'Q')]
+        queue: Option<String>,
+    },
+    /// The dead-letter queue.
+    Dlq {
+        /// What to do with it.
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Look at queues and this binary's tasks.
+    Inspect {
+        /// What to show.
+        #[command(subcommand)]
+        what: InspectWhat,
+    },
+}
+
+/// `worker` options.
+#[derive(Debug, ClapArgs)]
+pub struct WorkerArgs {
+    /// Queues to consume, comma-separated.
+    #[arg(long, short = 'Q', value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Concurrent tasks (default `worker_concurrency` or CPUs).
+    #[arg(long, short = 'c')]
+    pub concurrency: Option<usize>,
+    /// `worker_prefetch_multiplier`.
+    #[arg(long)]
+    pub prefetch_multiplier: Option<usize>,
+    /// `worker_disable_prefetch`.
+    #[arg(long)]
+    pub disable_prefetch: bool,
+    /// Node name (default `celeriac@<host>`).
+    #[arg(long, short = 'n')]
+    pub hostname: Option<String>,
+}
+
+/// `call` options.
+#[derive(Debug, ClapArgs)]
+pub struct CallArgs {
+    /// Task name.
+    pub task: String,
+    /// Positional arguments as a JSON array.
+    #[arg(long, short = 'a', default_value = "[]")]
+    pub args: String,
+    /// Keyword arguments as a JSON object.
+    #[arg(long, short = 'k', default_value = "{}")]
+    pub kwargs: String,
+    /// Queue (default: routed).
+    #[arg(long, short = 'Q')]
+    pub queue: Option<String>,
+    /// Seconds before it may run.
+    #[arg(long)]
+    pub countdown: Option<f64>,
+    /// Seconds until it expires.
+    #[arg(long)]
+    pub expires: Option<f64>,
+    /// Priority 0-9.
+    #[arg(long)]
+    pub priority: Option<u8>,
+    /// Wait for the result and print it.
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait.
+    #[arg(long, default_value_t = 30.0)]
+    pub timeout: f64,
+}
+
+/// `dlq` actions.
+#[derive(Debug, Subcommand)]
+pub enum DlqAction {
+    /// List dead letters, newest first.
+    List {
+        /// How many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// Show one dead letter with its message.
+    Show {
+        /// Dead-letter id.
+        id: String,
+    },
+    /// Put dead letters back on their queues with a fresh retry budget.
+    Replay {
+        /// Dead-letter ids.
+        ids: Vec<String>,
+        /// Replay all of them.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter.
+    Purge,
+}
+
+/// `inspect` targets.
+#[derive(Debug, Subcommand)]
+pub enum InspectWhat {
+    /// Ready, scheduled (ETA) and leased messages per queue, and dead letters.
+    Queues,
+    /// Tasks registered in this binary.
+    Registered,
+    /// Settings in force (URLs without passwords).
+    Conf,
+}
+
+/// Runs the command line with the tasks registered on `builder`; returns the exit code.
+pub fn main(builder: AppBuilder) -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.loglevel, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(commands::run(builder, cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `celeriac` binary: the command line with no tasks of its own.
+pub fn run_without_tasks() -> ExitCode {
+    main(AppBuilder::default().from_env())
+}
+
+/// Sets up `tracing` output: human-readable lines or JSON.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Human => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}

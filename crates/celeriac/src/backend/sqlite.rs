@@ -1,0 +1,114 @@
+//! SQLite result backend (`sqlite://path.db`). One row per task holding Celery's result record
+//! as JSON; the upsert refuses to replace a SUCCESS row, so a late duplicate cannot undo a
+//! result.
+
+use super::{BackendError, ResultBackend, StoreOutcome};
+use crate::protocol::ResultMeta;
+use crate::sqlite_common::{now_millis, open, path_of};
+use async_trait::async_trait;
+use sqlx::{Row, SqlitePool};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS celeriac_results (
+    task_id TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    meta BLOB NOT NULL,
+    updated_at INTEGER NOT NULL,
+    expires_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS celeriac_results_expires ON celeriac_results (expires_at);
+";
+
+/// The SQLite backend.
+#[derive(Debug)]
+pub struct SqliteBackend {
+    pool: SqlitePool,
+    url: String,
+    written: Notify,
+}
+
+fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
+    move |e| BackendError::storage(operation, e)
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed) the database in `url`.
+    pub async fn connect(url: &str) -> Result<Self, BackendError> {
+        let pool = open(url).await.map_err(err("open"))?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
+        Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
+    }
+}
+
+#[async_trait]
+impl ResultBackend for SqliteBackend {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError> {
+        let now = now_millis();
+        let done = sqlx::query(
+            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
+                 updated_at = excluded.updated_at, expires_at = excluded.expires_at
+             WHERE celeriac_results.status <> 'SUCCESS'",
+        )
+        .bind(&meta.task_id)
+        .bind(meta.status.as_str())
+        .bind(meta.to_wire())
+        .bind(now)
+        .bind(expires.map(|e| now + e.as_millis() as i64))
+        .execute(&self.pool)
+        .await
+        .map_err(err("store"))?;
+        self.written.notify_waiters();
+        Ok(if done.rows_affected() == 1 { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess })
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let row = sqlx::query("SELECT meta FROM celeriac_results WHERE task_id = ? AND (expires_at IS NULL OR expires_at > ?)")
+            .bind(task_id)
+            .bind(now_millis())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("get"))?;
+        row.map(|r| {
+            let bytes: Vec<u8> = r.get("meta");
+            ResultMeta::from_wire(&bytes).map_err(|source| BackendError::Corrupt { task_id: task_id.to_owned(), source })
+        })
+        .transpose()
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        sqlx::query("DELETE FROM celeriac_results WHERE task_id = ?").bind(task_id).execute(&self.pool).await.map_err(err("forget"))?;
+        Ok(())
+    }
+
+    async fn cleanup(&self) -> Result<u64, BackendError> {
+        let done = sqlx::query("DELETE FROM celeriac_results WHERE expires_at IS NOT NULL AND expires_at <= ?")
+            .bind(now_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(err("cleanup"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {
+        // Woken at once by writes from this process; other processes' writes are polled.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut interval = Duration::from_millis(5);
+        loop {
+            let notified = self.written.notified();
+            let meta = self.get(task_id).await?;
+            if meta.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                return Ok(meta);
+            }
+            let step = deadline.min(tokio::time::Instant::now() + interval);
+            let _ = tokio::time::timeout_at(step, notified).await;
+            interval = (interval * 2).min(Duration::from_millis(100));
+        }
+    }
+}

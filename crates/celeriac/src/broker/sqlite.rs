@@ -1,0 +1,310 @@
+//! SQLite broker (`sqlite://path.db`), the zero-server default.
+//!
+//! One table of messages. A message is *visible* when `visible_at <= now`: an ETA sets it in the
+//! future, and a fetch leases the message by moving `visible_at` to the lease's end and giving
+//! it a fresh `lease_token`. The worker renews the lease while it holds the message; ack
+//! deletes it (only with the current token). A worker killed with `kill -9` stops renewing,
+//! so its messages become visible to other workers within one lease (`visibility_timeout`,
+//! default 10 s here). Dead letters live in a second table with the reason and the bytes.
+
+use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids, visible_at};
+use crate::config::Config;
+use crate::protocol::Message;
+use crate::sqlite_common::{millis, now_millis, open, path_of};
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use sqlx::{Row, SqlitePool};
+use std::time::Duration;
+use tokio::sync::Notify;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS celeriac_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL,
+    visible_at INTEGER NOT NULL,
+    lease_token TEXT,
+    delivery_count INTEGER NOT NULL DEFAULT 0,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS celeriac_messages_ready ON celeriac_messages (queue, priority, id);
+CREATE INDEX IF NOT EXISTS celeriac_messages_visible ON celeriac_messages (visible_at);
+CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    task_id TEXT,
+    task_name TEXT,
+    reason TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    created_at INTEGER NOT NULL
+);
+";
+
+/// The SQLite broker.
+#[derive(Debug)]
+pub struct SqliteBroker {
+    pool: SqlitePool,
+    url: String,
+    lease: Duration,
+    polling_interval: Duration,
+    published: Notify,
+}
+
+fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BrokerError {
+    move |e| BrokerError::storage(operation, e)
+}
+
+fn split_tag(tag: &str) -> (i64, &str) {
+    let (id, token) = tag.split_once(':').unwrap_or((tag, ""));
+    (id.parse().unwrap_or(-1), token)
+}
+
+impl SqliteBroker {
+    /// Opens (creating if needed) the database in `url`. Transport options:
+    /// `visibility_timeout` (lease seconds, default 10), `polling_interval` (seconds, 0.1).
+    pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
+        let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
+        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
+        let secs = |name: &str, default: f64| Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001));
+        Ok(SqliteBroker {
+            pool,
+            url: format!("sqlite://{}", path_of(url)),
+            lease: secs("visibility_timeout", 10.0),
+            polling_interval: secs("polling_interval", 0.1),
+            published: Notify::new(),
+        })
+    }
+
+    async fn take(&self, queues: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
+        if queues.is_empty() || max == 0 {
+            return Ok(Vec::new());
+        }
+        let now = now_millis();
+        let token = uuid::Uuid::new_v4().to_string();
+        let placeholders = vec!["?"; queues.len()].join(", ");
+        let sql = format!(
+            "UPDATE celeriac_messages SET visible_at = ?, lease_token = ?, delivery_count = delivery_count + 1
+             WHERE id IN (SELECT id FROM celeriac_messages WHERE queue IN ({placeholders}) AND visible_at <= ?
+                          ORDER BY priority, id LIMIT ?)
+             RETURNING id, queue, payload, delivery_count"
+        );
+        // Only "?" placeholders are interpolated; queue names are bound.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now + self.lease.as_millis() as i64).bind(&token);
+        for queue in queues {
+            q = q.bind(queue);
+        }
+        let rows = q.bind(now).bind(max as i64).fetch_all(&self.pool).await.map_err(err("fetch"))?;
+        let mut out: Vec<(i64, Delivery)> = rows
+            .into_iter()
+            .map(|r| {
+                let id: i64 = r.get("id");
+                (id, Delivery { tag: format!("{id}:{token}"), queue: r.get("queue"), payload: r.get("payload"), delivery_count: r.get::<i64, _>("delivery_count") as u32 })
+            })
+            .collect();
+        out.sort_by_key(|(id, _)| *id);
+        Ok(out.into_iter().map(|(_, d)| d).collect())
+    }
+
+    fn dead_letter_from_row(r: &sqlx::sqlite::SqliteRow) -> DeadLetter {
+        DeadLetter {
+            id: r.get::<i64, _>("id").to_string(),
+            queue: r.get("queue"),
+            task_id: r.get("task_id"),
+            task_name: r.get("task_name"),
+            reason: r.get("reason"),
+            payload: r.get("payload"),
+            created_at: Utc.timestamp_millis_opt(r.get("created_at")).single().unwrap_or_default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for SqliteBroker {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        sqlx::query("INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(queue)
+            .bind(i64::from(message.properties.priority))
+            .bind(message.to_wire())
+            .bind(millis(visible_at(message)))
+            .bind(now_millis())
+            .execute(&self.pool)
+            .await
+            .map_err(err("publish"))?;
+        self.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let notified = self.published.notified();
+            let got = self.take(queues, max).await?;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return Ok(got);
+            }
+            let step = deadline.min(tokio::time::Instant::now() + self.polling_interval);
+            let _ = tokio::time::timeout_at(step, notified).await;
+        }
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<bool, BrokerError> {
+        let (id, token) = split_tag(&delivery.tag);
+        let done = sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
+            .bind(id)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .map_err(err("ack"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn requeue(&self, delivery: &Delivery, at: Option<DateTime<Utc>>) -> Result<(), BrokerError> {
+        let (id, token) = split_tag(&delivery.tag);
+        sqlx::query("UPDATE celeriac_messages SET visible_at = ?, lease_token = NULL WHERE id = ? AND lease_token = ?")
+            .bind(millis(at.unwrap_or_else(Utc::now)))
+            .bind(id)
+            .bind(token)
+            .execute(&self.pool)
+            .await
+            .map_err(err("requeue"))?;
+        self.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn renew(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
+        let until = now_millis() + self.lease.as_millis() as i64;
+        let mut tx = self.pool.begin().await.map_err(err("renew"))?;
+        for d in deliveries {
+            let (id, token) = split_tag(&d.tag);
+            sqlx::query("UPDATE celeriac_messages SET visible_at = ? WHERE id = ? AND lease_token = ?")
+                .bind(until)
+                .bind(id)
+                .bind(token)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("renew"))?;
+        }
+        tx.commit().await.map_err(err("renew"))
+    }
+
+    async fn republish(&self, delivery: &Delivery, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        let (id, token) = split_tag(&delivery.tag);
+        let mut tx = self.pool.begin().await.map_err(err("republish"))?;
+        sqlx::query("INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(queue)
+            .bind(i64::from(message.properties.priority))
+            .bind(message.to_wire())
+            .bind(millis(visible_at(message)))
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(err("republish"))?;
+        sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("republish"))?;
+        tx.commit().await.map_err(err("republish"))?;
+        self.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        let (id, token) = split_tag(&delivery.tag);
+        let (task_id, task_name) = peek_ids(&delivery.payload);
+        let mut tx = self.pool.begin().await.map_err(err("dead-letter"))?;
+        sqlx::query("INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(&delivery.queue)
+            .bind(task_id)
+            .bind(task_name)
+            .bind(reason)
+            .bind(&delivery.payload)
+            .bind(now_millis())
+            .execute(&mut *tx)
+            .await
+            .map_err(err("dead-letter"))?;
+        sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("dead-letter"))?;
+        tx.commit().await.map_err(err("dead-letter"))
+    }
+
+    async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
+        let rows = sqlx::query("SELECT * FROM celeriac_dead_letters ORDER BY id DESC LIMIT ?")
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("list dead letters"))?;
+        Ok(rows.iter().map(Self::dead_letter_from_row).collect())
+    }
+
+    async fn dead_letter_by_id(&self, id: &str) -> Result<Option<DeadLetter>, BrokerError> {
+        let Ok(id) = id.parse::<i64>() else { return Ok(None) };
+        let row = sqlx::query("SELECT * FROM celeriac_dead_letters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("read dead letter"))?;
+        Ok(row.as_ref().map(Self::dead_letter_from_row))
+    }
+
+    async fn remove_dead_letter(&self, id: &str) -> Result<bool, BrokerError> {
+        let Ok(id) = id.parse::<i64>() else { return Ok(false) };
+        let done = sqlx::query("DELETE FROM celeriac_dead_letters WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(err("remove dead letter"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge_dead_letters(&self) -> Result<u64, BrokerError> {
+        let done = sqlx::query("DELETE FROM celeriac_dead_letters").execute(&self.pool).await.map_err(err("purge dead letters"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
+        let done = sqlx::query("DELETE FROM celeriac_messages WHERE queue = ? AND lease_token IS NULL")
+            .bind(queue)
+            .execute(&self.pool)
+            .await
+            .map_err(err("purge"))?;
+        Ok(done.rows_affected())
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStats>, BrokerError> {
+        let rows = sqlx::query(
+            "SELECT queue,
+                    SUM(CASE WHEN visible_at <= ?1 THEN 1 ELSE 0 END) AS ready,
+                    SUM(CASE WHEN visible_at > ?1 AND lease_token IS NULL THEN 1 ELSE 0 END) AS scheduled,
+                    SUM(CASE WHEN visible_at > ?1 AND lease_token IS NOT NULL THEN 1 ELSE 0 END) AS leased
+             FROM celeriac_messages GROUP BY queue ORDER BY queue",
+        )
+        .bind(now_millis())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(err("stats"))?;
+        Ok(rows
+            .iter()
+            .map(|r| QueueStats {
+                queue: r.get("queue"),
+                ready: r.get::<i64, _>("ready") as u64,
+                scheduled: r.get::<i64, _>("scheduled") as u64,
+                leased: r.get::<i64, _>("leased") as u64,
+            })
+            .collect())
+    }
+}

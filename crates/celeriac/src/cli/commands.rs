@@ -1,0 +1,200 @@
+//! What each subcommand does.
+
+use super::{CallArgs, Cli, Command, DlqAction, InspectWhat, WorkerArgs};
+use crate::app::{App, AppBuilder};
+use crate::broker::replay_dead_letter;
+use crate::protocol::{Message, TaskBody};
+use crate::{Error, Signature, Worker};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Map, Value};
+use std::process::ExitCode;
+use std::time::Duration;
+
+type Failure = Box<dyn std::error::Error + Send + Sync>;
+
+/// Builds the app with CLI overrides and runs the subcommand.
+pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, Failure> {
+    if let Some(b) = &cli.broker {
+        builder = builder.broker_url(b);
+    }
+    if let Some(b) = &cli.backend {
+        builder = builder.result_backend(b);
+    }
+    let app = builder.build().await?;
+    match cli.command {
+        Command::Worker(args) => worker(&app, args).await,
+        Command::Call(args) => call(&app, args).await,
+        Command::Result { id, wait, timeout } => result(&app, &id, wait, timeout).await,
+        Command::Purge { queue } => {
+            let queue = queue.unwrap_or_else(|| app.config().task_default_queue.clone());
+            let n = app.broker().purge(&queue).await?;
+            println!("purged {n} message(s) from {queue}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { action } => dlq(&app, action).await,
+        Command::Inspect { what } => inspect(&app, what).await,
+    }
+}
+
+async fn worker(app: &App, args: WorkerArgs) -> Result<ExitCode, Failure> {
+    let mut worker = Worker::new(app);
+    let o = worker.options_mut();
+    if !args.queues.is_empty() {
+        o.queues = args.queues;
+    }
+    if let Some(c) = args.concurrency {
+        o.concurrency = c.max(1);
+    }
+    if let Some(m) = args.prefetch_multiplier {
+        o.prefetch_multiplier = m;
+    }
+    o.disable_prefetch |= args.disable_prefetch;
+    if let Some(h) = args.hostname {
+        o.hostname = h;
+    }
+    if app.task_names().is_empty() {
+        tracing::warn!("this worker has no tasks registered: every message will be dead-lettered as unknown. Build a worker binary with celeriac::cli::main(App::builder().task(...))");
+    }
+    let summary = worker.run_until_signal().await;
+    println!(
+        "processed {} (succeeded {}, retried {}, failed {}, dead-lettered {}, revoked {})",
+        summary.processed, summary.succeeded, summary.retried, summary.failed, summary.dead_lettered, summary.revoked
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(what: &str, text: &str) -> Result<T, Failure> {
+    serde_json::from_str(text).map_err(|e| format!("--{what} is not valid JSON ({e}): {text}").into())
+}
+
+async fn call(app: &App, args: CallArgs) -> Result<ExitCode, Failure> {
+    let mut sig = Signature::new(&args.task, parse_json::<Vec<Value>>("args", &args.args)?);
+    sig.kwargs = parse_json::<Map<String, Value>>("kwargs", &args.kwargs)?;
+    if let Some(q) = &args.queue {
+        sig = sig.queue(q);
+    }
+    if let Some(c) = args.countdown {
+        sig = sig.countdown(c);
+    }
+    if let Some(e) = args.expires {
+        sig = sig.expires_in(e);
+    }
+    if let Some(p) = args.priority {
+        sig = sig.priority(p);
+    }
+    let res = app.send_signature(sig).await?;
+    println!("{}", res.id());
+    if args.wait {
+        return result(app, res.id(), true, args.timeout).await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn result(app: &App, id: &str, wait: bool, timeout: f64) -> Result<ExitCode, Failure> {
+    let res = app.async_result(id);
+    let meta = if wait {
+        let spinner = ProgressBar::new_spinner().with_message(format!("waiting for {id}"));
+        spinner.enable_steady_tick(Duration::from_millis(100));
+        let got = res.wait_meta(Duration::from_secs_f64(timeout)).await;
+        spinner.finish_and_clear();
+        match got {
+            Ok(m) => m,
+            Err(e @ Error::Timeout { .. }) => {
+                eprintln!("{e}");
+                return Ok(ExitCode::from(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        res.meta().await?
+    };
+    println!("{}", serde_json::to_string_pretty(&meta)?);
+    Ok(if meta.status.propagates() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}
+
+async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
+    let broker = app.broker();
+    match action {
+        DlqAction::List { limit } => {
+            let letters = broker.dead_letters(limit).await?;
+            if letters.is_empty() {
+                println!("the dead-letter queue is empty");
+            }
+            for d in letters {
+                println!(
+                    "{:>6}  {}  {:<10} {:<36} {:<30} {}",
+                    d.id,
+                    d.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    d.queue,
+                    d.task_id.as_deref().unwrap_or("-"),
+                    d.task_name.as_deref().unwrap_or("-"),
+                    d.reason
+                );
+            }
+        }
+        DlqAction::Show { id } => {
+            let d = broker.dead_letter_by_id(&id).await?.ok_or_else(|| format!("no dead letter with id {id:?}"))?;
+            println!("id:       {}\nqueue:    {}\ntask id:  {}\ntask:     {}\nreason:   {}\nat:       {}", d.id, d.queue, d.task_id.as_deref().unwrap_or("-"), d.task_name.as_deref().unwrap_or("-"), d.reason, d.created_at);
+            match Message::from_wire(&d.payload) {
+                Ok(m) => {
+                    let body = m.task_body().map(|b: TaskBody| serde_json::json!({"args": b.args, "kwargs": b.kwargs}));
+                    println!("headers:  {}", serde_json::to_string(&m.headers)?);
+                    match body {
+                        Ok(b) => println!("body:     {b}"),
+                        Err(e) => println!("body:     (undecodable: {e})"),
+                    }
+                }
+                Err(_) => println!("raw:      {}", String::from_utf8_lossy(&d.payload)),
+            }
+        }
+        DlqAction::Replay { ids, all } => {
+            let ids = if all { broker.dead_letters(usize::MAX >> 1).await?.into_iter().map(|d| d.id).collect() } else { ids };
+            if ids.is_empty() {
+                return Err("nothing to replay: give dead-letter ids or --all".into());
+            }
+            let bar = ProgressBar::new(ids.len() as u64)
+                .with_style(ProgressStyle::with_template("replaying {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            let mut failed = 0;
+            for id in ids {
+                match replay_dead_letter(broker.as_ref(), &id).await {
+                    Ok(task_id) => bar.println(format!("replayed {id} as task {task_id}")),
+                    Err(e) => {
+                        failed += 1;
+                        bar.println(format!("{e}"));
+                    }
+                }
+                bar.inc(1);
+            }
+            bar.finish_and_clear();
+            if failed > 0 {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        DlqAction::Purge => println!("deleted {} dead letter(s)", broker.purge_dead_letters().await?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn inspect(app: &App, what: InspectWhat) -> Result<ExitCode, Failure> {
+    match what {
+        InspectWhat::Queues => {
+            println!("{:<20} {:>8} {:>10} {:>8}", "queue", "ready", "scheduled", "leased");
+            for s in app.broker().stats().await? {
+                println!("{:<20} {:>8} {:>10} {:>8}", s.queue, s.ready, s.scheduled, s.leased);
+            }
+            println!("dead letters: {}", app.broker().dead_letters(usize::MAX >> 1).await?.len());
+        }
+        InspectWhat::Registered => {
+            for name in app.task_names() {
+                println!("{name}");
+            }
+        }
+        InspectWhat::Conf => {
+            let mut conf = app.config().clone();
+            conf.broker_url = app.broker().url();
+            conf.result_backend = Some(app.backend().url());
+            println!("{}", toml::to_string(&conf)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

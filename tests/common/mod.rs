@@ -1,0 +1,48 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code, missing_docs)]
+
+use celeriac::{App, AppBuilder, Shutdown, Worker, WorkerOptions};
+use std::time::Duration;
+
+/// A fresh SQLite file in a temp dir (kept alive by the returned guard).
+pub fn sqlite_url() -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("celeriac.db").display());
+    (dir, url)
+}
+
+/// Worker options for tests: short polls and grace.
+pub fn fast_options(app: &App, concurrency: usize) -> WorkerOptions {
+    let mut o = WorkerOptions::from_app(app);
+    o.concurrency = concurrency;
+    o.poll_wait = Duration::from_millis(50);
+    o.shutdown_timeout = 5.0;
+    o.hostname = "test@localhost".into();
+    o
+}
+
+/// Starts a worker in the background.
+pub fn start_worker(app: &App, concurrency: usize) -> (Shutdown, tokio::task::JoinHandle<celeriac::WorkerSummary>) {
+    Worker::new(app).options(fast_options(app, concurrency)).spawn()
+}
+
+/// An app on a memory broker and backend with `builder`'s tasks.
+pub async fn memory_app(builder: AppBuilder) -> App {
+    builder.broker_url("memory://").build().await.expect("app")
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while tokio::time::Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
