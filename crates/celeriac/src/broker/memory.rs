@@ -1,8 +1,7 @@
 //! In-process broker (`memory://`) for eager mode, tests and single-binary demos. Same lease
 //! semantics as the durable brokers; nothing survives the process.
 
-use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids, visible_at};
-use crate::protocol::Message;
+use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -102,7 +101,7 @@ impl Broker for MemoryBroker {
         self.lease
     }
 
-    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError> {
         {
             let mut state = self.lock();
             state.next_id += 1;
@@ -112,9 +111,9 @@ impl Broker for MemoryBroker {
                 Entry {
                     id,
                     queue: queue.to_owned(),
-                    priority: message.properties.priority,
-                    payload: message.to_wire(),
-                    visible_at: visible_at(message),
+                    priority,
+                    payload: payload.to_vec(),
+                    visible_at,
                     lease_token: None,
                     delivery_count: 0,
                 },

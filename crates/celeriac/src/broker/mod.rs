@@ -117,8 +117,14 @@ pub trait Broker: Send + Sync + 'static {
     /// How long a delivery stays leased without renewal; the worker renews at a third of it.
     fn lease(&self) -> Duration;
 
+    /// Queues envelope bytes on `queue` with `priority`, visible at `visible_at`. The bytes
+    /// are stored as given: this is how foreign or replayed messages enter.
+    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError>;
+
     /// Queues `message` on `queue`, visible at its ETA (now when none).
-    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError>;
+    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+        self.publish_raw(queue, &message.to_wire(), message.properties.priority, visible_at(message)).await
+    }
 
     /// Takes up to `max` due messages from `queues` (earlier queues first), waiting up to
     /// `wait` for the first one. Returns an empty list when nothing came.

@@ -129,12 +129,12 @@ impl Broker for SqliteBroker {
         self.lease
     }
 
-    async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
+    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError> {
         sqlx::query("INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
             .bind(queue)
-            .bind(i64::from(message.properties.priority))
-            .bind(message.to_wire())
-            .bind(millis(visible_at(message)))
+            .bind(i64::from(priority))
+            .bind(payload)
+            .bind(millis(visible_at))
             .bind(now_millis())
             .execute(&self.pool)
             .await
