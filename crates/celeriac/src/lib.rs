@@ -82,3 +82,8 @@ pub mod __private {
         serde_json::to_value(value).unwrap_or(serde_json::Value::Null)
     }
 }
+
+/// The README's example compiles (checked as a doctest).
+#[doc = include_str!("../../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
