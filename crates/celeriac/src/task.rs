@@ -104,6 +104,8 @@ pub struct Request {
     pub is_eager: bool,
     pub(crate) app: App,
     pub(crate) soft_limit: CancellationToken,
+    /// Ids of tasks sent with [`Request::send`], stored as the result's `children`.
+    pub(crate) children: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl fmt::Debug for Request {
@@ -143,7 +145,14 @@ impl Request {
         signature.options.insert("parent_id".into(), Value::String(self.id.clone()));
         let root = self.root_id.clone().unwrap_or_else(|| self.id.clone());
         signature.options.insert("root_id".into(), Value::String(root));
-        self.app.send_signature(signature).await
+        let sent = self.app.send_signature(signature).await?;
+        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(sent.id().to_owned());
+        Ok(sent)
+    }
+
+    /// Ids of the tasks this run has sent so far.
+    pub fn sent_children(&self) -> Vec<String> {
+        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
     }
 
     /// A retry request for this task, for `return Err(req.retry()...)`.

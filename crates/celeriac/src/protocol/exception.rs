@@ -102,12 +102,20 @@ impl ExceptionInfo {
 
     /// `billiard.exceptions.TimeLimitExceeded` with the limit in seconds.
     pub fn time_limit_exceeded(seconds: f64) -> Self {
-        ExceptionInfo { exc_type: "TimeLimitExceeded".into(), exc_message: vec![seconds.into()], exc_module: BILLIARD_EXCEPTIONS.into() }
+        ExceptionInfo {
+            exc_type: "TimeLimitExceeded".into(),
+            exc_message: vec![seconds.into()],
+            exc_module: BILLIARD_EXCEPTIONS.into(),
+        }
     }
 
     /// `billiard.exceptions.SoftTimeLimitExceeded`.
     pub fn soft_time_limit_exceeded(seconds: f64) -> Self {
-        ExceptionInfo { exc_type: "SoftTimeLimitExceeded".into(), exc_message: vec![seconds.into()], exc_module: BILLIARD_EXCEPTIONS.into() }
+        ExceptionInfo {
+            exc_type: "SoftTimeLimitExceeded".into(),
+            exc_message: vec![seconds.into()],
+            exc_module: BILLIARD_EXCEPTIONS.into(),
+        }
     }
 
     /// `billiard.exceptions.WorkerLostError`.

@@ -301,13 +301,7 @@ impl Message {
             delivery_tag: Some(uuid::Uuid::new_v4().to_string()),
             extra: Map::new(),
         };
-        Message {
-            body: body.to_wire(),
-            content_encoding: utf8(),
-            content_type: json_type(),
-            headers,
-            properties,
-        }
+        Message { body: body.to_wire(), content_encoding: utf8(), content_type: json_type(), headers, properties }
     }
 
     /// Parses a kombu envelope (v2, or v1 converted to v2).

@@ -134,9 +134,6 @@ mod tests {
     fn separators_and_ascii_escapes_match_python() {
         let value = json!({"a": [1, 2.5, null, true], "t": "caf\u{e9} \u{1F600} \"q\"\n"});
         let text = to_string(&value).unwrap();
-        assert_eq!(
-            text,
-            r#"{"a": [1, 2.5, null, true], "t": "caf\u00e9 \ud83d\ude00 \"q\"\n"}"#
-        );
+        assert_eq!(text, r#"{"a": [1, 2.5, null, true], "t": "caf\u00e9 \ud83d\ude00 \"q\"\n"}"#);
     }
 }

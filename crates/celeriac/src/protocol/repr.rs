@@ -61,7 +61,13 @@ fn push_value(value: &Value, depth: usize, out: &mut Vec<Token>) {
     }
 }
 
-fn push_seq<'a>(items: impl Iterator<Item = &'a Value>, open: &'static str, close: &'static str, depth: usize, out: &mut Vec<Token>) {
+fn push_seq<'a>(
+    items: impl Iterator<Item = &'a Value>,
+    open: &'static str,
+    close: &'static str,
+    depth: usize,
+    out: &mut Vec<Token>,
+) {
     if depth >= MAX_LEVELS {
         out.push(Token::Text(format!("{open}...{close}")));
         return;
@@ -144,7 +150,16 @@ mod tests {
     #[test]
     fn strings_escape_only_single_quotes() {
         // saferepr((1, 'a\\b', "it's", True, None, 1.5, -0.0, 2**64 - 1), 1024) in Celery 5.7.0.
-        let args = [json!(1), json!("a\\b"), json!("it's"), json!(true), json!(null), json!(1.5), json!(-0.0), json!(u64::MAX)];
+        let args = [
+            json!(1),
+            json!("a\\b"),
+            json!("it's"),
+            json!(true),
+            json!(null),
+            json!(1.5),
+            json!(-0.0),
+            json!(u64::MAX),
+        ];
         assert_eq!(args_repr(&args), r"(1, 'a\b', 'it\'s', True, None, 1.5, -0.0, 18446744073709551615)");
         assert_eq!(args_repr(&[]), "()");
         assert_eq!(args_repr(&[json!([])]), "([],)");

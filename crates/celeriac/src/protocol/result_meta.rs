@@ -87,7 +87,12 @@ impl ResultMeta {
     }
 
     /// A FAILURE/RETRY/REVOKED record for `exc`.
-    pub fn exception(task_id: impl Into<String>, status: State, exc: &ExceptionInfo, traceback: Option<String>) -> Self {
+    pub fn exception(
+        task_id: impl Into<String>,
+        status: State,
+        exc: &ExceptionInfo,
+        traceback: Option<String>,
+    ) -> Self {
         let mut meta = ResultMeta::new(task_id, status, serde_json::to_value(exc).unwrap_or(Value::Null));
         meta.traceback = traceback;
         meta

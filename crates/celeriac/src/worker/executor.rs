@@ -79,6 +79,7 @@ pub(crate) fn request(app: &App, message: &Message, body: &TaskBody, hostname: &
         is_eager,
         app: app.clone(),
         soft_limit: CancellationToken::new(),
+        children: Default::default(),
     }
 }
 

@@ -50,7 +50,8 @@ impl Call {
     /// Stores SUCCESS and runs `on_success` / `after_return`.
     pub(crate) async fn succeeded(&self, value: &Value, children: &[String]) {
         let mut meta = self.meta(State::Success, value.clone());
-        meta.children = Some(children.iter().map(|c| crate::protocol::result_tuple(c)).collect());
+        let sent = self.request.sent_children();
+        meta.children = Some(sent.iter().chain(children).map(|c| crate::protocol::result_tuple(c)).collect());
         self.store(meta).await;
         self.task.on_success(&self.request, value);
         self.task.after_return(&self.request, &State::Success, value);

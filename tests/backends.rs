@@ -1,0 +1,105 @@
+//! Result backends: SUCCESS is never overwritten, expiry, forget, waiting; the same contract on
+//! memory and SQLite. Plus `AsyncResult` navigation and `GroupResult`.
+
+mod common;
+
+use celeriac::backend::{ResultBackend, StoreOutcome};
+use celeriac::protocol::{ExceptionInfo, ResultMeta};
+use celeriac::{App, GroupResult, Request, State, TaskResult, task};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn contract(backend: Arc<dyn ResultBackend>) {
+    let id = "t-1";
+    assert!(backend.get(id).await.unwrap().is_none(), "unknown id reads as missing (PENDING)");
+    let started = ResultMeta::new(id, State::Started, json!({"pid": 1}));
+    assert_eq!(backend.store(&started, None).await.unwrap(), StoreOutcome::Stored);
+    let ok = ResultMeta::new(id, State::Success, json!(42));
+    assert_eq!(backend.store(&ok, None).await.unwrap(), StoreOutcome::Stored);
+    let late = ResultMeta::exception(id, State::Failure, &ExceptionInfo::new("E", "late duplicate", "rust"), None);
+    assert_eq!(backend.store(&late, None).await.unwrap(), StoreOutcome::KeptSuccess);
+    let got = backend.get(id).await.unwrap().unwrap();
+    assert_eq!((got.status, got.result), (State::Success, json!(42)), "SUCCESS survives a later write");
+
+    let short = ResultMeta::new("t-2", State::Success, json!("x"));
+    backend.store(&short, Some(Duration::from_millis(50))).await.unwrap();
+    assert!(backend.get("t-2").await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert!(backend.get("t-2").await.unwrap().is_none(), "expired results read as missing");
+    assert_eq!(backend.cleanup().await.unwrap(), 1);
+
+    backend.forget(id).await.unwrap();
+    assert!(backend.get(id).await.unwrap().is_none());
+
+    let waiter = {
+        let b = backend.clone();
+        tokio::spawn(async move { b.wait_ready("t-3", Duration::from_secs(5)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    backend.store(&ResultMeta::new("t-3", State::Retry, json!(null)), None).await.unwrap();
+    backend.store(&ResultMeta::new("t-3", State::Success, json!(3)), None).await.unwrap();
+    let seen = waiter.await.unwrap().unwrap().unwrap();
+    assert_eq!(seen.status, State::Success);
+    let none = backend.wait_ready("never", Duration::from_millis(50)).await.unwrap();
+    assert!(none.is_none());
+}
+
+#[tokio::test]
+async fn memory_backend_contract() {
+    contract(celeriac::backend::from_url("memory://").await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn sqlite_backend_contract() {
+    let (_dir, url) = common::sqlite_url();
+    contract(celeriac::backend::from_url(&url).await.unwrap()).await;
+}
+
+#[tokio::test]
+async fn unsupported_urls_say_what_works() {
+    let err = celeriac::backend::from_url("mongodb://x").await.err().unwrap().to_string();
+    assert!(err.contains("sqlite://") && err.contains("mongodb://x"), "{err}");
+    let err = App::builder().broker_url("amqp://u:secret@h//").build().await.unwrap_err().to_string();
+    assert!(err.contains("amqp://u:***@h//") && !err.contains("secret"), "{err}");
+}
+
+#[task(bind = true)]
+async fn parent_task(req: Request, x: i64) -> TaskResult<String> {
+    let child = req.send(child_task::s(x + 1)).await.map_err(|e| celeriac::TaskError::new("SendFailed", e.to_string()))?;
+    Ok(child.id().to_owned())
+}
+
+#[task(track_started = true)]
+async fn child_task(x: i64) -> TaskResult<i64> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Ok(x)
+}
+
+#[tokio::test]
+async fn results_know_their_parent_and_group_results_join() {
+    let (_dir, url) = common::sqlite_url();
+    let app = App::builder().broker_url(&url).set("result_extended", true).task(parent_task).task(child_task).build().await.unwrap();
+    let (shutdown, worker) = common::start_worker(&app, 4);
+    let parent = parent_task::delay(&app, 1).await.unwrap();
+    let child_id: String = parent.get(Duration::from_secs(10)).await.unwrap();
+    let child = app.async_result(&child_id);
+    let children: Vec<String> = parent.children().await.unwrap().iter().map(|c| c.id().to_owned()).collect();
+    assert_eq!(children, vec![child_id.clone()], "the parent's result lists the task it sent");
+    assert!(common::eventually(Duration::from_secs(5), || async { child.state().await.unwrap() == State::Started }).await, "track_started stores STARTED");
+    assert_eq!(child.get::<i64>(Duration::from_secs(10)).await.unwrap(), 2);
+    assert_eq!(child.parent().await.unwrap().map(|p| p.id().to_owned()), Some(parent.id().to_owned()));
+    let meta = child.meta().await.unwrap();
+    assert_eq!(meta.name.as_deref(), Some(child_task::name()), "result_extended adds the name");
+    assert_eq!(meta.args, Some(vec![json!(2)]));
+    assert_eq!(meta.worker.as_deref(), Some("test@localhost"));
+
+    let members = vec![child_task::delay(&app, 10).await.unwrap(), child_task::delay(&app, 20).await.unwrap()];
+    let group = GroupResult::new("g1", members);
+    assert_eq!(group.join::<i64>(Duration::from_secs(10)).await.unwrap(), vec![10, 20]);
+    assert!(group.ready().await.unwrap());
+    shutdown.graceful();
+    worker.await.unwrap();
+    parent.forget().await.unwrap();
+    assert_eq!(parent.state().await.unwrap(), State::Pending);
+}
