@@ -519,7 +519,7 @@ fn started_record_names_the_worker_process() {
     let meta = result("started");
     assert_eq!(meta.result["hostname"], "fixtures@celeriac");
     assert!(meta.result["pid"].as_u64().is_some());
-    assert_eq!((meta.date_done, meta.exception_info()), (None, None));
+    assert_eq!((meta.exception_info(), meta.date_done), (None, None));
 }
 
 #[test]

@@ -399,3 +399,66 @@ fn bad_rate_limit_is_a_build_error() {
     let err = rt.block_on(App::builder().broker_url("memory://").task(too_fast).build()).unwrap_err().to_string();
     assert!(err.contains("rate_limit") && err.contains("\"fast\""), "{err}");
 }
+
+// ---- time limits and leases ----------------------------------------------------------------
+
+#[task(time_limit = 0.2)]
+async fn stuck() -> TaskResult<()> {
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    Ok(())
+}
+
+#[task(bind = true, soft_time_limit = 0.1, time_limit = 5)]
+async fn polite(req: Request) -> TaskResult<&'static str> {
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(30)) => Ok("finished"),
+        _ = req.soft_time_limit_reached() => Err(TaskError::soft_time_limit_exceeded(0.1)),
+    }
+}
+
+#[tokio::test]
+async fn time_limits_stop_tasks() {
+    let app = memory_app(App::builder().task(stuck).task(polite)).await;
+    let (shutdown, worker) = start_worker(&app, 2);
+    let t = Instant::now();
+    let hard = stuck::delay(&app).await.unwrap().get::<()>(WAIT).await.unwrap_err();
+    assert!(t.elapsed() < Duration::from_secs(5), "stopped at the hard limit");
+    let celeriac::Error::TaskFailed { exc, .. } = hard else { panic!("{hard}") };
+    assert_eq!((exc.exc_type.as_str(), exc.exc_module.as_str()), ("TimeLimitExceeded", "billiard.exceptions"));
+    let soft = polite::delay(&app).await.unwrap().get::<String>(WAIT).await.unwrap_err();
+    let celeriac::Error::TaskFailed { exc, .. } = soft else { panic!("{soft}") };
+    assert_eq!(exc.exc_type, "SoftTimeLimitExceeded");
+    shutdown.graceful();
+    worker.await.unwrap();
+}
+
+static LONG_RUNS: AtomicU32 = AtomicU32::new(0);
+
+#[task(acks_late = true)]
+async fn longer_than_the_lease() -> TaskResult<()> {
+    LONG_RUNS.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn leases_are_renewed_while_a_task_runs() {
+    let (_dir, url) = sqlite_url();
+    let app = App::builder()
+        .broker_url(&url)
+        .set("broker_transport_options", toml::Value::Table(toml::toml! { visibility_timeout = 0.5 }))
+        .task(longer_than_the_lease)
+        .build()
+        .await
+        .unwrap();
+    let r = longer_than_the_lease::delay(&app).await.unwrap();
+    // Two workers compete; the task runs five times longer than the lease.
+    let (s1, w1) = start_worker(&app, 1);
+    let (s2, w2) = start_worker(&app, 1);
+    r.get::<()>(WAIT).await.unwrap();
+    s1.graceful();
+    s2.graceful();
+    w1.await.unwrap();
+    w2.await.unwrap();
+    assert_eq!(LONG_RUNS.load(Ordering::SeqCst), 1, "renewed leases kept the other worker off it");
+}

@@ -36,14 +36,14 @@ pub fn args_repr(args: &[Value]) -> String {
 enum Token {
     /// An opening bracket.
     Open(&'static str),
-    /// A closing bracket and the index of its opening token: it is still written after a cut
-    /// when the opening token was reached.
-    Close(&'static str, usize),
-    /// `", "` or `": "`: dropped after a cut.
-    Sep(&'static str),
+    /// A closing bracket: still written after the cut when its container was opened before it.
+    Close(&'static str),
+    /// A separator (`", "`, `": "`) or an elided container (`[...]`): written whole, and dropped
+    /// after the cut.
+    Plain(String),
     /// A string (value or dict key), quoted and cut like `_format_chars`.
     Quoted(String),
-    /// Anything else (`str()` of a number, `None`, `[...]`), cut like `truncate`.
+    /// `str()` of a number, `None`, `True`, `False`: cut like `truncate`.
     Text(String),
 }
 
@@ -69,59 +69,66 @@ fn push_seq<'a>(
     out: &mut Vec<Token>,
 ) {
     if depth >= MAX_LEVELS {
-        out.push(Token::Text(format!("{open}...{close}")));
+        out.push(Token::Plain(format!("{open}...{close}")));
         return;
     }
-    let start = out.len();
     out.push(Token::Open(open));
     for (i, item) in items.enumerate() {
         if i > 0 {
-            out.push(Token::Sep(", "));
+            out.push(Token::Plain(", ".to_owned()));
         }
         push_value(item, depth + 1, out);
     }
-    out.push(Token::Close(close, start));
+    out.push(Token::Close(close));
 }
 
 fn push_map(map: &Map<String, Value>, depth: usize, out: &mut Vec<Token>) {
     if depth >= MAX_LEVELS {
-        out.push(Token::Text("{...}".to_owned()));
+        out.push(Token::Plain("{...}".to_owned()));
         return;
     }
-    let start = out.len();
     out.push(Token::Open("{"));
     for (i, (key, value)) in map.iter().enumerate() {
         if i > 0 {
-            out.push(Token::Sep(", "));
+            out.push(Token::Plain(", ".to_owned()));
         }
         out.push(Token::Quoted(key.clone()));
-        out.push(Token::Sep(": "));
+        out.push(Token::Plain(": ".to_owned()));
         push_value(value, depth + 1, out);
     }
-    out.push(Token::Close("}", start));
+    out.push(Token::Close("}"));
 }
 
-/// `_saferepr`: writes tokens while fewer than `max_len` characters are out, then `, ...` and
-/// the closing brackets of everything already opened.
+/// `_saferepr` (Celery 5.7): writes tokens while fewer than `max_len` characters are out. Past
+/// the limit a closing bracket is still written; anything else becomes `, ...` followed by the
+/// closing brackets of the containers that are still open.
 fn render(tokens: &[Token], max_len: usize) -> String {
     let mut out = String::new();
-    // Python counts down and may go negative: a token is written whole (cut by `truncate`).
+    // Python counts down and may go below zero: a token is written whole (cut by `truncate`).
     let mut left = max_len as isize;
     for (i, token) in tokens.iter().enumerate() {
         if left <= 0 {
+            if let Token::Close(text) = token {
+                out.push_str(text);
+                continue;
+            }
             out.push_str(", ...");
-            for later in &tokens[i + 1..] {
-                if let Token::Close(text, open) = later
-                    && *open <= i
-                {
-                    out.push_str(text);
+            // Containers opened from here on are not shown, so their brackets cancel out.
+            let mut depth = 0usize;
+            for rest in &tokens[i..] {
+                match rest {
+                    Token::Open(_) => depth += 1,
+                    Token::Close(_) if depth > 0 => depth -= 1,
+                    Token::Close(text) => out.push_str(text),
+                    _ => {}
                 }
             }
             break;
         }
         let limit = left.unsigned_abs();
         let piece = match token {
-            Token::Open(text) | Token::Close(text, _) | Token::Sep(text) => (*text).to_owned(),
+            Token::Open(text) | Token::Close(text) => (*text).to_owned(),
+            Token::Plain(text) => text.clone(),
             Token::Quoted(s) => format!("'{}'", truncate(s, limit).replace('\'', "\\'")),
             Token::Text(s) => truncate(s, limit),
         };
