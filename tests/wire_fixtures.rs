@@ -506,12 +506,12 @@ fn retry_records_list_the_retry_message_as_a_child() {
     let plain = result("retry_state");
     assert_eq!(plain.result, Value::Null);
     assert_eq!(plain.exception_info(), None);
-    assert_eq!(plain.children_ids(), [plain.task_id.clone()]);
+    assert_eq!(plain.children_ids(), std::slice::from_ref(&plain.task_id));
     assert!(plain.traceback.as_deref().is_some_and(|t| t.ends_with("celery.exceptions.Retry: Retry in 60s\n")));
 
     let with_exc = result("retry_state_with_exc");
     assert_eq!(with_exc.exception_info(), Some(ExceptionInfo::new("ValueError", "transient", BUILTINS)));
-    assert_eq!(with_exc.children_ids(), [with_exc.task_id.clone()]);
+    assert_eq!(with_exc.children_ids(), std::slice::from_ref(&with_exc.task_id));
 }
 
 #[test]
@@ -526,7 +526,7 @@ fn started_record_names_the_worker_process() {
 fn chain_parent_lists_its_child() {
     let parent = result("chain_parent_with_children");
     let child = result("chain_child");
-    assert_eq!(parent.children_ids(), [child.task_id.clone()]);
+    assert_eq!(parent.children_ids(), std::slice::from_ref(&child.task_id));
     assert_eq!(child.parent_id.as_deref(), Some(parent.task_id.as_str()));
     assert_eq!((parent.result, child.result), (json!(3), json!(30)));
 }

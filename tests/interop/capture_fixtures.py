@@ -29,19 +29,31 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-FIXTURES = REPO / "tests" / "fixtures"
-MESSAGES_DIR = FIXTURES / "messages"
-RESULTS_DIR = FIXTURES / "results"
-BACKOFF_DIR = FIXTURES / "backoff"
+DEFAULT_FIXTURES = REPO / "tests" / "fixtures"
+
+
+def set_output_root(root):
+    """Point every output directory at `root` (default: tests/fixtures)."""
+    global FIXTURES, MESSAGES_DIR, RESULTS_DIR, BACKOFF_DIR, CANVAS_DIR
+    FIXTURES = Path(root).resolve()
+    MESSAGES_DIR = FIXTURES / "messages"
+    RESULTS_DIR = FIXTURES / "results"
+    BACKOFF_DIR = FIXTURES / "backoff"
+    CANVAS_DIR = FIXTURES / "canvas"
+
+
+set_output_root(DEFAULT_FIXTURES)
 
 REDIS_HOST = "127.0.0.1"
 REDIS_PORT = 6379
@@ -79,7 +91,10 @@ def log(msg):
 
 
 def rel(path):
-    return path.relative_to(REPO).as_posix()
+    try:
+        return path.relative_to(REPO).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def write_bytes(path, data):
@@ -664,15 +679,914 @@ def capture_backoff():
 
 
 # --------------------------------------------------------------------------
+# 4. Canvas: signature serialization, published messages, real runs
+# --------------------------------------------------------------------------
+#
+# canvas/signatures/<case>[.<form>].json  kombu JSON of a signature
+# canvas/messages/<case>_<n>.json         list values in publish order (no worker)
+# canvas/messages/<case>.redis.json       keys the client wrote to DB 10 meanwhile
+# canvas/runs/<case>.json                 a run on a real worker (document made
+#                                         by this script, not raw bytes)
+
+
+def sid(case, label):
+    """Fixed task/group id for the signature cases."""
+    return tid(f"sig.{case}.{label}")
+
+
+def fixed_chord_header(c, group_id):
+    """Wrap a chord's header in a group with a fixed id before freezing.
+
+    chord.freeze() starts with ``self.tasks = group(self.tasks)``, which gives
+    the header a random group id. Doing that first, with ``task_id=group_id``,
+    yields the same frozen form with a reproducible id.
+    """
+    c.tasks = group(c.tasks, app=T.app, task_id=group_id)
+    return c
+
+
+def sig_task_sig():
+    yield "", T.add.s(2, 2)
+    s = T.add.s(2, 2)
+    s.freeze(sid("task_sig", "0"))
+    yield "frozen", s
+
+
+def sig_task_sig_options():
+    yield "", T.add.s(2, 2).set(queue="q", countdown=5, priority=3)
+    s = T.add.s(2, 2).set(queue="q", countdown=5, priority=3)
+    s.freeze(sid("task_sig_options", "0"))
+    yield "frozen", s
+
+
+def sig_immutable():
+    yield "", T.add.si(1, 1)
+    s = T.add.si(1, 1)
+    s.freeze(sid("immutable", "0"))
+    yield "frozen", s
+
+
+def _chain3(case, ids):
+    labels = ["0", "1", "2"] if ids else [None] * 3
+    sigs = [T.add.s(1, 1), T.mul.s(2), T.tsum.s()]
+    return chain(*[
+        s.set(task_id=sid(case, label)) if label else s for s, label in zip(sigs, labels)
+    ])
+
+
+def sig_chain():
+    yield "", _chain3("chain", ids=False)
+    c = _chain3("chain", ids=True)
+    c.freeze()
+    yield "frozen", c
+
+
+def _group2(case, ids):
+    g = group(T.add.s(1, 1), T.add.s(2, 2))
+    if ids:
+        g = group(
+            T.add.s(1, 1).set(task_id=sid(case, "0")),
+            T.add.s(2, 2).set(task_id=sid(case, "1")),
+        ).set(task_id=sid(case, "group"))
+    return g
+
+
+def sig_group():
+    yield "", _group2("group", ids=False)
+    g = _group2("group", ids=True)
+    g.freeze()
+    yield "frozen", g
+
+
+def sig_chord():
+    yield "", chord([T.add.s(1, 1), T.add.s(2, 2)], T.tsum.s())
+    c = chord(
+        [T.add.s(1, 1).set(task_id=sid("chord", "0")),
+         T.add.s(2, 2).set(task_id=sid("chord", "1"))],
+        T.tsum.s().set(task_id=sid("chord", "body")),
+    )
+    fixed_chord_header(c, sid("chord", "group"))
+    c.freeze()
+    yield "frozen", c
+
+
+def sig_chain_in_group():
+    yield "", group(chain(T.add.s(1, 1), T.mul.s(2)), T.add.s(3, 3))
+    g = group(
+        chain(
+            T.add.s(1, 1).set(task_id=sid("chain_in_group", "c0")),
+            T.mul.s(2).set(task_id=sid("chain_in_group", "c1")),
+        ),
+        T.add.s(3, 3).set(task_id=sid("chain_in_group", "1")),
+    ).set(task_id=sid("chain_in_group", "group"))
+    g.freeze()
+    yield "frozen", g
+
+
+def sig_group_in_chain():
+    def build(ids):
+        def i(s, label):
+            return s.set(task_id=sid("group_in_chain", label)) if ids else s
+        return chain(
+            i(T.add.s(1, 1), "0"),
+            group(i(T.add.s(1), "g0"), i(T.add.s(2), "g1")),
+            i(T.tsum.s(), "body"),
+        )
+    c = build(False)
+    yield "", c
+    yield "unchain_tasks", c.unchain_tasks()
+    c = build(True)
+    # chain(a, group, b) is already chain(a, celery.chord) at this point.
+    fixed_chord_header(c.tasks[1], sid("group_in_chain", "group"))
+    c.freeze()
+    yield "frozen", c
+
+
+def sig_chord_in_chain():
+    def build(ids):
+        def i(s, label):
+            return s.set(task_id=sid("chord_in_chain", label)) if ids else s
+        return chain(
+            i(T.add.s(1, 1), "0"),
+            chord([i(T.add.s(1), "h0"), i(T.add.s(2), "h1")], i(T.tsum.s(), "body")),
+            i(T.mul.s(10), "2"),
+        )
+    c = build(False)
+    yield "", c
+    yield "unchain_tasks", c.unchain_tasks()
+    c = build(True)
+    for t in c.tasks:
+        if isinstance(t, chord):
+            fixed_chord_header(t, sid("chord_in_chain", "group"))
+    c.freeze()
+    yield "frozen", c
+
+
+def sig_chain_in_chord_header():
+    yield "", chord([chain(T.add.s(1, 1), T.mul.s(2)), T.add.s(3, 3)], T.tsum.s())
+    case = "chain_in_chord_header"
+    c = chord(
+        [chain(T.add.s(1, 1).set(task_id=sid(case, "c0")),
+               T.mul.s(2).set(task_id=sid(case, "c1"))),
+         T.add.s(3, 3).set(task_id=sid(case, "1"))],
+        T.tsum.s().set(task_id=sid(case, "body")),
+    )
+    fixed_chord_header(c, sid(case, "group"))
+    c.freeze()
+    yield "frozen", c
+
+
+def sig_nested_group():
+    yield "", group(group(T.add.s(1, 1), T.add.s(2, 2)), T.add.s(3, 3))
+    case = "nested_group"
+    g = group(
+        group(T.add.s(1, 1).set(task_id=sid(case, "a")),
+              T.add.s(2, 2).set(task_id=sid(case, "b"))).set(task_id=sid(case, "inner")),
+        T.add.s(3, 3).set(task_id=sid(case, "c")),
+    ).set(task_id=sid(case, "outer"))
+    g.freeze()
+    yield "frozen", g
+
+
+def sig_link_options():
+    def build():
+        s = T.add.s(1, 1)
+        s.link(T.mul.s(2))
+        s.link_error(T.on_err.s())
+        return s
+    yield "", build()
+    s = build()
+    s.freeze(sid("link_options", "0"))
+    yield "frozen", s
+
+
+SIGNATURE_CASES = [
+    ("task_sig", sig_task_sig),
+    ("task_sig_options", sig_task_sig_options),
+    ("immutable", sig_immutable),
+    ("chain", sig_chain),
+    ("group", sig_group),
+    ("chord", sig_chord),
+    ("chain_in_group", sig_chain_in_group),
+    ("group_in_chain", sig_group_in_chain),
+    ("chord_in_chain", sig_chord_in_chain),
+    ("chain_in_chord_header", sig_chain_in_chord_header),
+    ("nested_group", sig_nested_group),
+    ("link_options", sig_link_options),
+]
+
+
+def capture_canvas_signatures():
+    from kombu.utils.json import dumps as kombu_dumps
+
+    log("== canvas/signatures (kombu JSON of signatures)")
+    out = CANVAS_DIR / "signatures"
+    for case, build in SIGNATURE_CASES:
+        for form, sig in build():
+            data = kombu_dumps(sig).encode("utf-8")
+            json.loads(data)
+            name = f"{case}.{form}.json" if form else f"{case}.json"
+            write_bytes(out / name, data)
+
+
+# -- messages ---------------------------------------------------------------
+
+
+def mid(case, label):
+    return tid(f"canvas.{case}.{label}")
+
+
+def cmsg_chain_in_chord_header():
+    case = "chain_in_chord_header"
+    chord(
+        [chain(T.add.s(1, 1).set(task_id=mid(case, "c0")),
+               T.mul.s(2).set(task_id=mid(case, "c1"))),
+         T.add.s(3, 3).set(task_id=mid(case, "1"))],
+        T.tsum.s(),
+    ).set(task_id=mid(case, "group")).apply_async(task_id=mid(case, "body"))
+
+
+def cmsg_chord_in_chain():
+    case = "chord_in_chain"
+    chain(
+        T.add.s(1, 1).set(task_id=mid(case, "0")),
+        chord([T.add.s(1).set(task_id=mid(case, "h0")),
+               T.add.s(2).set(task_id=mid(case, "h1"))],
+              T.tsum.s().set(task_id=mid(case, "body"))),
+        T.mul.s(10).set(task_id=mid(case, "2")),
+    ).apply_async()
+
+
+def cmsg_nested_group():
+    case = "nested_group"
+    group(
+        group(T.add.s(1, 1).set(task_id=mid(case, "a")),
+              T.add.s(2, 2).set(task_id=mid(case, "b"))).set(task_id=mid(case, "inner")),
+        T.add.s(3, 3).set(task_id=mid(case, "c")),
+    ).apply_async(task_id=mid(case, "outer"))
+
+
+def cmsg_chain_in_group():
+    case = "chain_in_group"
+    group(
+        chain(T.add.s(1, 1).set(task_id=mid(case, "c0")),
+              T.mul.s(2).set(task_id=mid(case, "c1"))),
+        T.add.s(3, 3).set(task_id=mid(case, "1")),
+    ).apply_async(task_id=mid(case, "group"))
+
+
+def cmsg_chord_chain_body():
+    case = "chord_chain_body"
+    chord(
+        [T.add.s(1, 1).set(task_id=mid(case, "0")),
+         T.add.s(2, 2).set(task_id=mid(case, "1"))],
+        chain(T.tsum.s().set(task_id=mid(case, "b0")),
+              T.mul.s(10).set(task_id=mid(case, "b1"))),
+    ).set(task_id=mid(case, "group")).apply_async()
+
+
+def cmsg_chain_group_in_chord_header():
+    case = "chain_group_in_chord_header"
+    chord(
+        [chain(T.add.s(1, 1).set(task_id=mid(case, "c0")),
+               group(T.add.s(1).set(task_id=mid(case, "g0")),
+                     T.add.s(2).set(task_id=mid(case, "g1"))).set(task_id=mid(case, "inner"))),
+         T.add.s(3, 3).set(task_id=mid(case, "1"))],
+        T.echo.s(),
+    ).set(task_id=mid(case, "group")).apply_async(task_id=mid(case, "body"))
+
+
+# (case, publish function, number of messages, all on the `celery` list)
+CANVAS_MESSAGE_CASES = [
+    ("chain_in_chord_header", cmsg_chain_in_chord_header, 2),
+    ("chord_in_chain", cmsg_chord_in_chain, 1),
+    ("nested_group", cmsg_nested_group, 3),
+    ("chain_in_group", cmsg_chain_in_group, 2),
+    ("chord_chain_body", cmsg_chord_chain_body, 2),
+    ("chain_group_in_chord_header", cmsg_chain_group_in_chord_header, 2),
+]
+
+
+def backend_string_keys(exclude_prefixes=()):
+    """{key: value} of every key in the backend DB, all of which must be strings."""
+    out = {}
+    for key in sorted(backend.keys("*")):
+        name = key.decode()
+        if name.startswith(tuple(exclude_prefixes)):
+            continue
+        kind = backend.type(key)
+        if kind != b"string":
+            raise SystemExit(f"unexpected {kind!r} key {name!r} in DB {BACKEND_DB}")
+        out[name] = backend.get(key).decode()
+    return out
+
+
+def capture_canvas_messages():
+    log("== canvas/messages (no worker running)")
+    out = CANVAS_DIR / "messages"
+    for case, publish, count in CANVAS_MESSAGE_CASES:
+        flush()
+        publish()
+        got = drain_lists()
+        keys = {k for k, _ in got}
+        if keys != {b"celery"} or len(got) != count:
+            raise SystemExit(
+                f"canvas {case}: expected {count} message(s) on b'celery', got "
+                f"{[(k, len(v)) for k, v in got]}"
+            )
+        for i, (_, value) in enumerate(got):
+            check_message(case, value)
+            write_bytes(out / f"{case}_{i}.json", value)
+        written = backend_string_keys()
+        data = json.dumps(written, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+        write_bytes(out / f"{case}.redis.json", data.encode("utf-8"))
+    flush()
+
+
+# -- runs on a real worker --------------------------------------------------
+
+
+def unescape_monitor_arg(data, i):
+    """Parse one "..."-quoted MONITOR argument (sdscatrepr) starting at data[i]."""
+    assert data[i:i + 1] == b'"', data[i:i + 40]
+    i += 1
+    out = bytearray()
+    simple = {ord("n"): 10, ord("r"): 13, ord("t"): 9, ord("a"): 7, ord("b"): 8,
+              ord("\\"): 92, ord('"'): 34}
+    while True:
+        c = data[i]
+        if c == 0x5C:  # backslash
+            e = data[i + 1]
+            if e == ord("x"):
+                out.append(int(data[i + 2:i + 4], 16))
+                i += 4
+            else:
+                out.append(simple[e])
+                i += 2
+        elif c == 0x22:
+            return bytes(out), i + 1
+        else:
+            out.append(c)
+            i += 1
+
+
+def parse_monitor_line(line):
+    """'+<ts> [<db> <client>] "ARG" "ARG" ...' -> (db, client, [arg bytes])."""
+    if not line.startswith(b"+") or b" [" not in line:
+        return None
+    head, rest = line[1:].split(b" [", 1)
+    info, rest = rest.split(b"] ", 1)
+    db, client = info.split(b" ", 1)
+    args, i = [], 0
+    while i < len(rest):
+        if rest[i] == 0x20:
+            i += 1
+            continue
+        arg, i = unescape_monitor_arg(rest, i)
+        args.append(arg)
+    return int(db), client.decode(), args
+
+
+class RedisMonitor:
+    """A raw `MONITOR` connection read by a thread (exact argument bytes)."""
+
+    def __init__(self):
+        self.sock = None
+        self.thread = None
+        self.stopping = threading.Event()
+        self.buf = b""
+        self.lines = []
+        self.lock = threading.Lock()
+
+    def start(self):
+        self.sock = socket.create_connection((REDIS_HOST, REDIS_PORT), timeout=10)
+        self.sock.sendall(b"MONITOR\r\n")
+        while b"\r\n" not in self.buf:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                raise SystemExit("redis closed the MONITOR connection")
+            self.buf += chunk
+        first, self.buf = self.buf.split(b"\r\n", 1)
+        if first != b"+OK":
+            raise SystemExit(f"MONITOR refused: {first!r}")
+        self.sock.settimeout(0.1)
+        self.thread = threading.Thread(target=self._run, name="redis-monitor", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            try:
+                chunk = self.sock.recv(1 << 16)
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            if not chunk:
+                break
+            self.buf += chunk
+            if b"\r\n" in self.buf:
+                *done, self.buf = self.buf.split(b"\r\n")
+                with self.lock:
+                    self.lines.extend(done)
+
+    def take(self):
+        """Everything seen so far, up to a marker sent now (a barrier)."""
+        marker = f"fixture-monitor-marker-{uuid.uuid4()}".encode()
+        broker.echo(marker)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with self.lock:
+                for n, line in enumerate(self.lines):
+                    if marker in line and b'"ECHO"' in line.upper():
+                        taken, self.lines = self.lines[:n], self.lines[n + 1:]
+                        return [p for p in map(parse_monitor_line, taken) if p]
+            time.sleep(0.01)
+        raise SystemExit("MONITOR did not see the marker")
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        if self.sock is not None:
+            self.sock.close()
+        self.sock = self.thread = None
+
+
+def redis_client_ports(pid):
+    """Local ports of `pid`'s TCP connections to Redis (Linux /proc; else empty)."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inodes.add(link[8:-1])
+    except OSError:
+        return set()
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            parts = row.split()
+            if len(parts) > 9 and parts[9] in inodes:
+                if int(parts[2].rsplit(":", 1)[1], 16) == REDIS_PORT:
+                    ports.add(int(parts[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+# Commands that only read: left out of `backend_writes` unless a Lua script
+# (a chord script run by the worker) issued them.
+READ_COMMANDS = {
+    "GET", "MGET", "EXISTS", "TTL", "PTTL", "TYPE", "KEYS", "SCAN", "PING", "ECHO",
+    "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "CLIENT", "INFO",
+    "HELLO", "SELECT", "ZRANGE", "LRANGE", "ZCARD", "LLEN", "STRLEN", "HGET",
+    "HGETALL", "SMEMBERS", "COMMAND", "MONITOR",
+}
+HEADER_FIELDS = ("task", "id", "root_id", "parent_id", "group", "group_index")
+RUN_ID_PREFIX = "run."
+
+
+def rid(case, label):
+    return tid(f"{RUN_ID_PREFIX}{case}.{label}")
+
+
+def scrub_obj(obj):
+    """Cut the repository prefix out of every string (tracebacks only)."""
+    prefix = str(REPO) + os.sep
+    if isinstance(obj, str):
+        return obj.replace(prefix, "")
+    if isinstance(obj, list):
+        return [scrub_obj(x) for x in obj]
+    if isinstance(obj, dict):
+        return {scrub_obj(k): scrub_obj(v) for k, v in obj.items()}
+    return obj
+
+
+class RunRecorder:
+    def __init__(self, monitor, worker):
+        self.monitor = monitor
+        self.worker = worker
+        self.ports = {"worker": set(), "client": set()}
+
+    def note_ports(self):
+        self.ports["worker"] |= redis_client_ports(self.worker.proc.pid)
+        self.ports["client"] |= redis_client_ports(os.getpid())
+
+    def who(self, client):
+        if client == "lua":
+            return "lua"
+        try:
+            port = int(client.rsplit(":", 1)[1])
+        except (IndexError, ValueError):
+            return "unknown"
+        for name, ports in self.ports.items():
+            if port in ports:
+                return name
+        return "unknown"
+
+
+def decode_published(value):
+    env = json.loads(value)
+    body = json.loads(base64.b64decode(env["body"]))
+    return {
+        "headers": {k: env["headers"].get(k) for k in HEADER_FIELDS},
+        "body": body,
+    }
+
+
+def describe_results(res):
+    """Flatten the result tree reachable by .parent, .children and
+    GroupResult.results: ({"tasks": {id: ...}, "groups": {id: ...}}, top)."""
+    from celery.result import GroupResult
+
+    tasks, groups = {}, {}
+
+    def ref(r):
+        return {"group": r.id} if isinstance(r, GroupResult) else {"task": r.id}
+
+    todo = [res]
+    while todo:
+        r = todo.pop(0)
+        if r is None:
+            continue
+        if isinstance(r, GroupResult):
+            if r.id in groups:
+                continue
+            groups[r.id] = {
+                "results": [ref(x) for x in r.results],
+                "parent": ref(r.parent) if r.parent is not None else None,
+            }
+            todo.extend(r.results)
+            todo.append(r.parent)
+        else:
+            if r.id in tasks:
+                continue
+            children = r.children or []
+            tasks[r.id] = {
+                "parent": ref(r.parent) if r.parent is not None else None,
+                "children": [ref(c) for c in children],
+            }
+            todo.extend(children)
+            todo.append(r.parent)
+    return {"tasks": tasks, "groups": groups}, ref(res)
+
+
+READY = {"SUCCESS", "FAILURE", "REVOKED"}
+
+
+def settle(monitor, published, commands, timeout=30.0):
+    """Wait until every published task has a ready meta, the queues are empty
+    and nothing new was published for a while."""
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        new = monitor.take()
+        commands.extend(new)
+        new_pub = [c for c in new if c[0] == BROKER_DB and c[2][0].upper() == b"LPUSH"]
+        published.extend(new_pub)
+        ids = [decode_published(c[2][2])["headers"]["id"] for c in published]
+        metas = [backend.get(meta_key(i)) for i in ids]
+        done = all(m is not None and json.loads(m)["status"] in READY for m in metas)
+        queues_empty = not any(
+            broker.type(k) == b"list" and broker.llen(k) for k in broker.keys("*")
+        )
+        if done and queues_empty and not new_pub:
+            if quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.5:
+                return
+        else:
+            quiet_since = None
+        time.sleep(0.05)
+    raise SystemExit("canvas run did not settle")
+
+
+def run_case(recorder, case, description, start, expect):
+    from celery.result import GroupResult
+
+    """Run one canvas on the worker and write canvas/runs/<case>.json.
+
+    `start()` publishes and returns (result, {label: id}); `expect` is the
+    value .get() must return, or the exception class name it must raise.
+    """
+    log(f"  run {case}")
+    monitor = recorder.monitor
+    backend.flushdb()
+    monitor.take()  # drop whatever came before
+    recorder.note_ports()
+    res, ids = start()
+
+    def get(**kwargs):
+        try:
+            return {"value": res.get(timeout=30, propagate=True, **kwargs)}
+        except Exception as exc:  # noqa: BLE001 -- the raised error is the fixture
+            return {"raised": {
+                "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+                "message": str(exc),
+            }}
+
+    got = get()
+    if "raised" in got and not isinstance(res, GroupResult):
+        # .get() raises the first failure found among the parents; what the
+        # result itself holds shows with follow_parents=False.
+        got["follow_parents_false"] = get(follow_parents=False)
+    if isinstance(expect, str):
+        assert "raised" in got and got["raised"]["type"].endswith("." + expect), (case, got)
+    else:
+        assert got.get("value") == expect, (case, got, expect)
+    commands, published = [], []
+    settle(monitor, published, commands)
+    recorder.note_ports()
+
+    tree, top = describe_results(res)
+    task_ids = list(tree["tasks"])
+    for c in published:
+        i = decode_published(c[2][2])["headers"]["id"]
+        if i not in task_ids:
+            task_ids.append(i)
+    metas = {}
+    for i in task_ids:
+        raw = backend.get(meta_key(i))
+        metas[i] = None if raw is None else scrub_repo_paths(f"{case}:{i}", raw).decode("utf-8")
+    group_metas = {}
+    for g in tree["groups"]:
+        raw = backend.get(f"celery-taskset-meta-{g}")
+        if raw is not None:
+            group_metas[g] = raw.decode("utf-8")
+
+    backend_keys = {}
+    for key in sorted(backend.keys("*")):
+        name = key.decode()
+        if name.startswith("celery-task-meta-") or name == T.ERRBACK_LIST:
+            continue
+        kind = backend.type(key).decode()
+        if kind == "string":
+            value = backend.get(key).decode("utf-8", "replace")
+        elif kind == "list":
+            value = [v.decode("utf-8", "replace") for v in backend.lrange(key, 0, -1)]
+        elif kind == "zset":
+            value = [[m.decode("utf-8", "replace"), s]
+                     for m, s in backend.zrange(key, 0, -1, withscores=True)]
+        else:
+            value = f"<{kind}>"
+        backend_keys[name] = {"type": kind, "ttl": backend.ttl(key), "value": value}
+    errbacks = [json.loads(v) for v in backend.lrange(T.ERRBACK_LIST, 0, -1)]
+
+    def decoded_args(args):
+        return [a.decode("utf-8", "replace") for a in args]
+
+    doc = {
+        "case": case,
+        "canvas": description,
+        "ids": ids,
+        "get": got,
+        "result": top,
+        "result_tree": tree,
+        "metas": metas,
+        "group_metas": group_metas,
+        "published": [
+            {"by": recorder.who(client), "key": args[1].decode("utf-8", "replace"),
+             **decode_published(args[2])}
+            for db, client, args in published
+        ],
+        "backend_writes": [
+            {"by": recorder.who(client), "command": args[0].decode().upper(),
+             "args": decoded_args(args[1:])}
+            for db, client, args in commands
+            if db == BACKEND_DB
+            and (client == "lua" or args[0].decode().upper() not in READ_COMMANDS)
+            and not (len(args) > 1 and args[1].decode("utf-8", "replace").startswith("fixture-"))
+        ],
+        "backend_keys_after": backend_keys,
+        "errbacks": errbacks,
+    }
+    doc = scrub_obj(doc)
+    text = json.dumps(doc, indent=2, ensure_ascii=False) + "\n"
+    if str(REPO) in text:
+        raise SystemExit(f"{case}: repository path left in the run document")
+    write_bytes(CANVAS_DIR / "runs" / f"{case}.json", text.encode("utf-8"))
+    return doc
+
+
+def run_chain3():
+    c = "chain3_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "2")}
+    res = chain(T.add.s(1, 2).set(task_id=ids["0"]), T.mul.s(10).set(task_id=ids["1"]),
+                T.add.s(5).set(task_id=ids["2"])).apply_async()
+    return res, ids
+
+
+def run_group():
+    c = "group_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "2", "group")}
+    res = group(T.add.s(i, i).set(task_id=ids[str(i)]) for i in range(3)).apply_async(
+        task_id=ids["group"])
+    return res, ids
+
+
+def run_chord():
+    c = "chord_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "2", "group", "body")}
+    res = chord([T.add.s(i, i).set(task_id=ids[str(i)]) for i in range(3)], T.tsum.s()).set(
+        task_id=ids["group"]).apply_async(task_id=ids["body"])
+    return res, ids
+
+
+def run_chord_with_failure():
+    c = "chord_with_failure_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "2", "group", "body")}
+    body = T.tsum.s()
+    body.link_error(T.errback_new.s())
+    body.link_error(T.errback_old.s())
+    res = chord(
+        [T.add.s(1, 1).set(task_id=ids["0"]), T.fail.s().set(task_id=ids["1"]),
+         T.add.s(2, 2).set(task_id=ids["2"])],
+        body,
+    ).set(task_id=ids["group"]).apply_async(task_id=ids["body"])
+    return res, ids
+
+
+def run_chain_failure():
+    c = "chain_failure_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "2")}
+    res = chain(
+        T.add.s(1, 1).set(task_id=ids["0"]),
+        T.fail.s().set(task_id=ids["1"]),
+        T.mul.s(3).set(task_id=ids["2"]),
+    ).on_error(T.on_err.s()).on_error(T.errback_new.s()).on_error(
+        T.errback_old.s()).apply_async()
+    return res, ids
+
+
+def run_link():
+    c = "link_run"
+    ids = {k: rid(c, k) for k in ("0", "link")}
+    res = T.add.s(1, 1).set(task_id=ids["0"]).apply_async(
+        link=T.mul.s(3).set(task_id=ids["link"]))
+    return res, ids
+
+
+def run_group_in_chain():
+    c = "group_in_chain_run"
+    ids = {k: rid(c, k) for k in ("0", "g0", "g1", "group", "body")}
+    res = chain(
+        T.add.s(1, 1).set(task_id=ids["0"]),
+        group(T.add.s(1).set(task_id=ids["g0"]),
+              T.add.s(2).set(task_id=ids["g1"])).set(task_id=ids["group"]),
+        T.tsum.s().set(task_id=ids["body"]),
+    ).apply_async()
+    return res, ids
+
+
+def run_chord_in_chain():
+    c = "chord_in_chain_run"
+    ids = {k: rid(c, k) for k in ("0", "h0", "h1", "body", "2")}
+    res = chain(
+        T.add.s(1, 1).set(task_id=ids["0"]),
+        chord([T.add.s(1).set(task_id=ids["h0"]), T.add.s(2).set(task_id=ids["h1"])],
+              T.tsum.s().set(task_id=ids["body"])),
+        T.mul.s(10).set(task_id=ids["2"]),
+    ).apply_async()
+    return res, ids
+
+
+def run_chain_in_chord_header():
+    c = "chain_in_chord_header_run"
+    ids = {k: rid(c, k) for k in ("c0", "c1", "1", "group", "body")}
+    res = chord(
+        [chain(T.add.s(1, 1).set(task_id=ids["c0"]), T.mul.s(2).set(task_id=ids["c1"])),
+         T.add.s(3, 3).set(task_id=ids["1"])],
+        T.tsum.s(),
+    ).set(task_id=ids["group"]).apply_async(task_id=ids["body"])
+    return res, ids
+
+
+def run_nested_group():
+    c = "nested_group_run"
+    ids = {k: rid(c, k) for k in ("a", "b", "inner", "c", "outer")}
+    res = group(
+        group(T.add.s(1, 1).set(task_id=ids["a"]),
+              T.add.s(2, 2).set(task_id=ids["b"])).set(task_id=ids["inner"]),
+        T.add.s(3, 3).set(task_id=ids["c"]),
+    ).apply_async(task_id=ids["outer"])
+    return res, ids
+
+
+def run_chain_in_group():
+    c = "chain_in_group_run"
+    ids = {k: rid(c, k) for k in ("c0", "c1", "1", "group")}
+    res = group(
+        chain(T.add.s(1, 1).set(task_id=ids["c0"]), T.mul.s(2).set(task_id=ids["c1"])),
+        T.add.s(3, 3).set(task_id=ids["1"]),
+    ).apply_async(task_id=ids["group"])
+    return res, ids
+
+
+def run_chord_chain_body():
+    c = "chord_chain_body_run"
+    ids = {k: rid(c, k) for k in ("0", "1", "group", "b0", "b1")}
+    res = chord(
+        [T.add.s(1, 1).set(task_id=ids["0"]), T.add.s(2, 2).set(task_id=ids["1"])],
+        chain(T.tsum.s().set(task_id=ids["b0"]), T.mul.s(10).set(task_id=ids["b1"])),
+    ).set(task_id=ids["group"]).apply_async()
+    return res, ids
+
+
+def run_chain_group_in_chord_header():
+    c = "chain_group_in_chord_header_run"
+    ids = {k: rid(c, k) for k in ("c0", "g0", "g1", "inner", "1", "group", "body")}
+    res = chord(
+        [chain(T.add.s(1, 1).set(task_id=ids["c0"]),
+               group(T.add.s(1).set(task_id=ids["g0"]),
+                     T.add.s(2).set(task_id=ids["g1"])).set(task_id=ids["inner"])),
+         T.add.s(3, 3).set(task_id=ids["1"])],
+        T.echo.s(),
+    ).set(task_id=ids["group"]).apply_async(task_id=ids["body"])
+    return res, ids
+
+
+# (case, canvas as written, start function, expected .get() value or the
+#  name of the exception class it raises)
+CANVAS_RUN_CASES = [
+    ("chain3_run", "chain(add.s(1, 2), mul.s(10), add.s(5))", run_chain3, 35),
+    ("group_run", "group(add.s(i, i) for i in range(3))", run_group, [0, 2, 4]),
+    ("chord_run", "chord([add.s(i, i) for i in range(3)], tsum.s())", run_chord, 6),
+    ("chord_with_failure_run",
+     "chord([add.s(1, 1), fail.s(), add.s(2, 2)], "
+     "tsum.s() with link_error errback_new.s() and errback_old.s())",
+     run_chord_with_failure, "KeyError"),
+    ("chain_failure_run",
+     "chain(add.s(1, 1), fail.s(), mul.s(3))"
+     ".on_error(on_err.s()).on_error(errback_new.s()).on_error(errback_old.s())",
+     run_chain_failure, "KeyError"),
+    ("link_run", "add.s(1, 1).apply_async(link=mul.s(3))", run_link, 2),
+    ("group_in_chain_run", "chain(add.s(1, 1), group(add.s(1), add.s(2)), tsum.s())",
+     run_group_in_chain, 7),
+    ("chord_in_chain_run",
+     "chain(add.s(1, 1), chord([add.s(1), add.s(2)], tsum.s()), mul.s(10))",
+     run_chord_in_chain, 70),
+    ("chain_in_chord_header_run",
+     "chord([chain(add.s(1, 1), mul.s(2)), add.s(3, 3)], tsum.s())",
+     run_chain_in_chord_header, 10),
+    ("nested_group_run", "group(group(add.s(1, 1), add.s(2, 2)), add.s(3, 3))",
+     run_nested_group, [2, 4, 6]),
+    ("chain_in_group_run", "group(chain(add.s(1, 1), mul.s(2)), add.s(3, 3))",
+     run_chain_in_group, [4, 6]),
+    ("chord_chain_body_run",
+     "chord([add.s(1, 1), add.s(2, 2)], chain(tsum.s(), mul.s(10)))",
+     run_chord_chain_body, 60),
+    ("chain_group_in_chord_header_run",
+     "chord([chain(add.s(1, 1), group(add.s(1), add.s(2))), add.s(3, 3)], echo.s())",
+     run_chain_group_in_chord_header, [[3, 4], 6]),
+]
+
+
+def capture_canvas_runs():
+    log("== canvas/runs (real worker, MONITOR)")
+    flush()
+    worker = Worker(extended=False)
+    monitor = RedisMonitor()
+    try:
+        worker.start()
+        monitor.start()
+        recorder = RunRecorder(monitor, worker)
+        for case, description, start, expect in CANVAS_RUN_CASES:
+            run_case(recorder, case, description, start, expect)
+    finally:
+        monitor.stop()
+        worker.stop()
+    flush()
+
+
+def capture_canvas():
+    capture_canvas_signatures()
+    check_no_foreign_consumers()
+    capture_canvas_messages()
+    capture_canvas_runs()
+
+
+# --------------------------------------------------------------------------
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sections = ["messages", "results", "backoff", "canvas"]
+    ap.add_argument("--only", nargs="+", choices=sections, default=sections)
     ap.add_argument(
-        "--only", nargs="+", choices=["messages", "results", "backoff"],
-        default=["messages", "results", "backoff"],
+        "--out", metavar="DIR", default=None,
+        help="write fixtures under DIR instead of tests/fixtures "
+             "(e.g. a temporary directory, to check a capture without "
+             "rewriting the committed files)",
     )
     args = ap.parse_args()
+    if args.out is not None:
+        set_output_root(args.out)
+        log(f"writing fixtures under {FIXTURES}")
     log(
         f"celery {celery.__version__}, kombu {kombu.__version__}, "
         f"redis-py {redis.__version__}, python {sys.version.split()[0]}"
@@ -692,6 +1606,8 @@ def main():
             capture_results()
         if "backoff" in args.only:
             capture_backoff()
+        if "canvas" in args.only:
+            capture_canvas()
     finally:
         try:
             T.app.close()

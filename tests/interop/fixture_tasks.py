@@ -8,8 +8,13 @@ Environment:
   CELERIAC_FIXTURE_BROKER    broker URL  (default redis://127.0.0.1:6379/9)
   CELERIAC_FIXTURE_BACKEND   backend URL (default redis://127.0.0.1:6379/10)
   CELERIAC_FIXTURE_EXTENDED  "1" -> result_extended=True
+
+The errback tasks (``tasks.errback_new``, ``tasks.errback_old``) RPUSH a JSON
+record of what they were called with onto the list ``fixture-errbacks`` in
+the result backend's Redis DB, for the canvas runs to read back.
 """
 
+import json
 import os
 import time
 
@@ -94,3 +99,57 @@ def always_retry(self, countdown=0, with_exc=False):
 def sleepy(seconds=2.0):
     time.sleep(seconds)
     return seconds
+
+
+# --------------------------------------------------------------------------
+# Errbacks for the canvas runs. They only add a record to a Redis list; the
+# tasks above are unchanged (and ``tasks.on_err`` still records nothing).
+# --------------------------------------------------------------------------
+
+ERRBACK_LIST = "fixture-errbacks"
+
+
+def _record_errback(record):
+    app.backend.client.rpush(ERRBACK_LIST, json.dumps(record, sort_keys=True))
+
+
+def _describe_request(req):
+    out = {"type": type(req).__name__}
+    for name in ("id", "task", "root_id", "parent_id", "group", "group_index"):
+        value = getattr(req, name, None)
+        out[name] = value if value is None or isinstance(value, (str, int)) else repr(value)
+    errbacks = getattr(req, "errbacks", None) or []
+    out["errbacks"] = [dict(e).get("task") for e in errbacks]
+    chord = getattr(req, "chord", None)
+    out["chord"] = None if chord is None else dict(chord).get("task")
+    return out
+
+
+@app.task(name="tasks.errback_new")
+def errback_new(*args, **kwargs):
+    """Same signature as ``tasks.on_err`` (``*args``), so Celery treats it as
+    a new-style errback and calls it in-process as ``(request, exc, traceback)``
+    in the worker that saw the failure, without publishing a message."""
+    record = {"errback": "tasks.errback_new", "nargs": len(args), "kwargs": sorted(kwargs)}
+    if len(args) == 3:
+        req, exc, tb = args
+        record["request"] = _describe_request(req)
+        record["exc"] = {
+            "type": f"{type(exc).__module__}.{type(exc).__qualname__}",
+            "repr": repr(exc),
+        }
+        record["traceback_type"] = type(tb).__name__
+    else:
+        record["args"] = [repr(a) for a in args]
+    _record_errback(record)
+
+
+@app.task(name="tasks.errback_old", bind=True)
+def errback_old(self, task_id):
+    """bind=True makes Celery treat it as an old-style errback: it is sent as
+    a task message with the failed task's id as its only argument."""
+    _record_errback({
+        "errback": "tasks.errback_old",
+        "args": [task_id],
+        "request": _describe_request(self.request),
+    })

@@ -5,10 +5,10 @@
 //! `delay(&app, ..)` to send, and `call(..)` to run the body directly.
 
 use proc_macro::TokenStream;
-use proc_macro2::{Span, TokenStream as Tokens};
+use proc_macro2::TokenStream as Tokens;
 use quote::{format_ident, quote, quote_spanned};
 use syn::spanned::Spanned;
-use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, Pat, ReturnType, Type};
+use syn::{Expr, ExprLit, FnArg, ItemFn, Lit, Pat, ReturnType, Type, TypeReference};
 
 const OPTIONS: &[&str] = &[
     "name",
@@ -39,7 +39,11 @@ const OPTIONS: &[&str] = &[
 /// `acks_late`, `ignore_result`, `track_started`, `time_limit`, `soft_time_limit`,
 /// `rate_limit` (`"10/s"`), `queue`, `priority`, `bind` (first parameter is the
 /// `celeriac::Request`), and hooks `on_success`, `on_retry`, `on_failure`, `after_return`
-/// (paths to plain functions).
+/// (paths to plain functions):
+///
+/// - `on_success`: `fn(&celeriac::Request, &serde_json::Value)` (the encoded return value)
+/// - `on_retry`, `on_failure`: `fn(&celeriac::Request, &celeriac::ExceptionInfo)`
+/// - `after_return`: `fn(&celeriac::Request, &celeriac::State, &serde_json::Value)`
 #[proc_macro_attribute]
 pub fn task(attr: TokenStream, item: TokenStream) -> TokenStream {
     let func = match syn::parse::<ItemFn>(item) {
@@ -74,7 +78,9 @@ impl Options {
         match self.get(key) {
             None => Ok(None),
             Some(Expr::Lit(ExprLit { lit: Lit::Str(s), .. })) => Ok(Some(s.value())),
-            Some(other) => Err(syn::Error::new(other.span(), format!("`{key}` takes a string literal, e.g. {key} = \"...\""))),
+            Some(other) => {
+                Err(syn::Error::new(other.span(), format!("`{key}` takes a string literal, e.g. {key} = \"...\"")))
+            }
         }
     }
 
@@ -97,15 +103,16 @@ impl Options {
 fn parse_options(attr: Tokens) -> syn::Result<Options> {
     let mut options = Options::default();
     let parser = syn::meta::parser(|meta| {
-        let key = meta.path.get_ident().map(|i| i.to_string()).unwrap_or_default();
+        let path = &meta.path;
+        let key = path.get_ident().map(|i| i.to_string()).unwrap_or_else(|| pretty(path));
         if !OPTIONS.contains(&key.as_str()) {
-            return Err(meta.error(format!("unknown task option `{key}`; valid options are: {}", OPTIONS.join(", "))));
+            let hint = closest_option(&key).map(|o| format!("did you mean `{o}`? ")).unwrap_or_default();
+            return Err(
+                meta.error(format!("unknown task option `{key}`; {hint}valid options are: {}", OPTIONS.join(", ")))
+            );
         }
-        let value: Expr = if meta.input.peek(syn::Token![=]) {
-            meta.value()?.parse()?
-        } else {
-            syn::parse_quote!(true)
-        };
+        let value: Expr =
+            if meta.input.peek(syn::Token![=]) { meta.value()?.parse()? } else { syn::parse_quote!(true) };
         options.values.push((key, value));
         Ok(())
     });
@@ -113,21 +120,87 @@ fn parse_options(attr: Tokens) -> syn::Result<Options> {
     Ok(options)
 }
 
+/// The option nearest to a misspelt `key` (at most two edits away), for "did you mean".
+fn closest_option(key: &str) -> Option<&'static str> {
+    OPTIONS.iter().map(|o| (edit_distance(key, o), *o)).filter(|(d, _)| *d <= 2).min().map(|(_, o)| o)
+}
+
+/// Levenshtein distance, small inputs only.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut previous = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous + usize::from(ca != *cb);
+            previous = row[j + 1];
+            row[j + 1] = substitution.min(row[j] + 1).min(previous + 1);
+        }
+    }
+    row[b.len()]
+}
+
+/// What to write instead of a borrowed parameter type: `String` for `&str`, `Vec<T>` for `&[T]`.
+fn owned_suggestion(r: &TypeReference) -> String {
+    match &*r.elem {
+        Type::Path(p) if p.path.is_ident("str") => "String".to_owned(),
+        Type::Slice(s) => format!("Vec<{}>", pretty(&s.elem)),
+        elem => pretty(elem),
+    }
+}
+
+/// Tokens as a user would write them in a message (`Vec<u8>`, not `Vec < u8 >`).
+fn pretty(tokens: impl quote::ToTokens) -> String {
+    let spaced = tokens.to_token_stream().to_string();
+    [
+        (" :: ", "::"),
+        (":: ", "::"),
+        (" <", "<"),
+        ("< ", "<"),
+        (" >", ">"),
+        (" ,", ","),
+        ("& ", "&"),
+        ("[ ", "["),
+        (" ]", "]"),
+    ]
+    .iter()
+    .fold(spaced, |text, (from, to)| text.replace(from, to))
+}
+
 fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
     let opts = parse_options(attr)?;
     let sig = &func.sig;
     if sig.asyncness.is_none() {
-        return Err(syn::Error::new(sig.fn_token.span(), "#[task] needs an `async fn`: write `async fn` (tasks run on the worker's async runtime)"));
+        return Err(syn::Error::new(
+            sig.fn_token.span(),
+            "#[task] needs an `async fn`: write `async fn` (tasks run on the worker's async runtime)",
+        ));
     }
     if !sig.generics.params.is_empty() {
-        return Err(syn::Error::new(sig.generics.span(), "#[task] functions cannot be generic: a task is registered under one name with one signature"));
+        return Err(syn::Error::new_spanned(
+            &sig.generics,
+            "#[task] functions cannot be generic: a task is registered under one name with one signature; \
+             use concrete types (`serde_json::Value` accepts any JSON), or write one task per type",
+        ));
     }
     let ret_ty = match &sig.output {
         ReturnType::Type(_, ty) if returns_result(ty) => ty.clone(),
-        other => {
+        ReturnType::Type(_, ty) => {
+            return Err(syn::Error::new_spanned(
+                ty,
+                format!(
+                    "#[task] functions return a `Result`: write `-> celeriac::TaskResult<{}>` and return `Ok(..)` \
+                     (any `Result<T, E>` whose error converts into `celeriac::TaskError` works too)",
+                    pretty(ty)
+                ),
+            ));
+        }
+        ReturnType::Default => {
             return Err(syn::Error::new(
-                other.span(),
-                "#[task] functions return `celeriac::TaskResult<T>` (or another `Result<T, E>` whose error converts into `TaskError`)",
+                sig.paren_token.span.close(),
+                "#[task] functions return a `Result`: add `-> celeriac::TaskResult<()>` and return `Ok(())` \
+                 (the result tells the worker whether the task succeeded)",
             ));
         }
     };
@@ -144,19 +217,37 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
             return Err(syn::Error::new(input.span(), "#[task] functions cannot take `self`"));
         };
         let Pat::Ident(pi) = &*pt.pat else {
-            return Err(syn::Error::new(pt.pat.span(), "task parameters must be plain names (`x: i64`): the name is the keyword argument"));
+            return Err(syn::Error::new(
+                pt.pat.span(),
+                "task parameters must be plain names (`x: i64`): the name is the keyword argument",
+            ));
         };
         if bind && i == 0 {
             request_param = Some((pi.ident.clone(), (*pt.ty).clone()));
             continue;
         }
         if let Type::Reference(r) = &*pt.ty {
-            return Err(syn::Error::new(r.span(), "task parameters must be owned values (e.g. `String`, not `&str`): arguments are decoded from the message"));
+            return Err(syn::Error::new_spanned(
+                r,
+                format!(
+                    "task parameter `{}` must be an owned value: write `{}` instead of `{}` (arguments are decoded \
+                     from the message, there is nothing to borrow from)",
+                    pi.ident,
+                    owned_suggestion(r),
+                    pretty(r)
+                ),
+            ));
         }
         params.push((pi.ident.clone(), (*pt.ty).clone()));
     }
     if bind && request_param.is_none() {
-        return Err(syn::Error::new(sig.inputs.span(), "`bind = true` needs a first parameter of type `celeriac::Request`"));
+        return Err(syn::Error::new(
+            sig.paren_token.span.join(),
+            format!(
+                "`bind = true` passes the task's `celeriac::Request` as the first parameter: add it, e.g. \
+                 `async fn {ident}(request: celeriac::Request)`, or remove `bind = true`"
+            ),
+        ));
     }
 
     let name_expr = match opts.string("name")? {
@@ -165,7 +256,8 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
             let fn_name = ident.to_string();
             quote!({
                 static NAME: ::std::sync::OnceLock<::std::string::String> = ::std::sync::OnceLock::new();
-                NAME.get_or_init(|| ::std::format!("{}.{}", ::core::module_path!().replace("::", "."), #fn_name)).as_str()
+                NAME.get_or_init(|| ::std::format!("{}.{}", ::core::module_path!().replace("::", "."), #fn_name))
+                    .as_str()
             })
         }
     };
@@ -174,16 +266,43 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
     let hooks = hook_tokens(&opts)?;
 
     let names: Vec<_> = params.iter().map(|(n, _)| n).collect();
-    let name_strs: Vec<String> = params.iter().map(|(n, _)| n.to_string()).collect();
     let types: Vec<_> = params.iter().map(|(_, t)| t).collect();
-    let indexes: Vec<usize> = (0..params.len()).collect();
     let count = params.len();
-    let asserts = params.iter().map(|(_, ty)| {
-        quote_spanned!(ty.span()=> const _: () = ::celeriac::__private::assert_task_value::<#ty>();)
+    let asserts = params
+        .iter()
+        .map(|(_, ty)| quote_spanned!(ty.span()=> const _: () = ::celeriac::__private::assert_task_value::<#ty>();));
+
+    // Calls that need serde are written with the parameter's type spelled out and spanned, so a
+    // type that is not serde-serializable is reported at that type, not at `#[task]`.
+    let encode_args = params.iter().map(|(n, ty)| quote_spanned!(ty.span()=> ::celeriac::__private::arg::<#ty>(#n)));
+    let decode_args = params.iter().enumerate().map(|(i, (n, ty))| {
+        let name = n.to_string();
+        let take = quote_spanned!(ty.span()=> ::celeriac::Args::take::<#ty>);
+        quote!(let #n: #ty = #take(&mut __args, #i, #name).map_err(::celeriac::TaskError::Arguments)?;)
     });
 
     let (req_decl, req_call, req_take) = match &request_param {
-        Some((n, ty)) => (quote!(#n: #ty,), quote!(__request,), quote!()),
+        Some((n, ty)) => {
+            // A local trait only `celeriac::Request` implements: a wrong first parameter type is
+            // reported at that type with this message, instead of as a type mismatch at `#[task]`.
+            let convert = quote_spanned!(ty.span()=> <#ty as BindRequest>::from_request);
+            let check = quote! {
+                #[diagnostic::on_unimplemented(
+                    message = "with `bind = true`, the first parameter is the task's `celeriac::Request`, not `{Self}`",
+                    label = "expected `celeriac::Request`",
+                    note = "add a first parameter `request: celeriac::Request`, or remove `bind = true`"
+                )]
+                trait BindRequest {
+                    fn from_request(request: ::celeriac::Request) -> Self;
+                }
+                impl BindRequest for ::celeriac::Request {
+                    fn from_request(request: ::celeriac::Request) -> Self {
+                        request
+                    }
+                }
+            };
+            (quote!(#n: #ty,), quote!(#convert(__request),), check)
+        }
         None => (quote!(), quote!(), quote!(let _ = __request;)),
     };
     let struct_doc = format!("The `{ident}` task (generated by `#[celeriac::task]`).");
@@ -205,7 +324,7 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
             /// A signature (task call) with these arguments.
             #[allow(clippy::too_many_arguments)]
             pub fn s(#(#names: #types),*) -> ::celeriac::Signature {
-                ::celeriac::Signature::new(Self::name(), ::std::vec![#(::celeriac::__private::arg(#names)),*])
+                ::celeriac::Signature::new(Self::name(), ::std::vec![#(#encode_args),*])
             }
 
             /// An immutable signature: a parent's result is not prepended.
@@ -236,9 +355,9 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
             }
 
             fn run(&self, __request: ::celeriac::Request, mut __args: ::celeriac::Args) -> ::celeriac::__private::BoxFuture<'static, ::celeriac::TaskResult<::celeriac::__private::serde_json::Value>> {
+                #req_take
                 ::std::boxed::Box::pin(async move {
-                    #req_take
-                    #(let #names: #types = __args.take(#indexes, #name_strs).map_err(::celeriac::TaskError::Arguments)?;)*
+                    #(#decode_args)*
                     __args.finish(#count).map_err(::celeriac::TaskError::Arguments)?;
                     match Self::call(#req_call #(#names),*).await {
                         ::core::result::Result::Ok(value) => ::celeriac::__private::encode(Self::name(), value),
@@ -285,7 +404,12 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
             let v: u32 = i.base10_parse()?;
             quote!(::core::option::Option::Some(#v))
         }
-        Some(other) => return Err(syn::Error::new(other.span(), "`max_retries` takes a whole number, or `None` to retry forever")),
+        Some(other) => {
+            return Err(syn::Error::new(
+                other.span(),
+                "`max_retries` takes a whole number, or `None` to retry forever",
+            ));
+        }
     };
     let default_retry_delay = opts.number("default_retry_delay")?.unwrap_or(quote!(180.0));
     let autoretry = match opts.get("autoretry_for") {
@@ -296,10 +420,18 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
             .map(|e| match e {
                 Expr::Lit(ExprLit { lit: Lit::Str(s), .. }) => Ok(s.value()),
                 Expr::Path(p) => Ok(p.path.segments.last().map(|s| s.ident.to_string()).unwrap_or_default()),
-                other => Err(syn::Error::new(other.span(), "`autoretry_for` lists error type names, e.g. [\"Timeout\", HttpError]")),
+                other => Err(syn::Error::new(
+                    other.span(),
+                    "`autoretry_for` lists error type names, e.g. [\"Timeout\", HttpError]",
+                )),
             })
             .collect::<syn::Result<Vec<_>>>()?,
-        Some(other) => return Err(syn::Error::new(other.span(), "`autoretry_for` takes a list, e.g. autoretry_for = [\"Timeout\"]")),
+        Some(other) => {
+            return Err(syn::Error::new(
+                other.span(),
+                "`autoretry_for` takes a list, e.g. autoretry_for = [\"Timeout\"]",
+            ));
+        }
     };
     let backoff_max = match opts.get("retry_backoff_max") {
         None => quote!(600u64),
@@ -311,7 +443,9 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
     };
     let jitter = opts.flag("retry_jitter")?.unwrap_or(true);
     let backoff = match opts.get("retry_backoff") {
-        None | Some(Expr::Lit(ExprLit { lit: Lit::Bool(syn::LitBool { value: false, .. }), .. })) => quote!(::core::option::Option::None),
+        None | Some(Expr::Lit(ExprLit { lit: Lit::Bool(syn::LitBool { value: false, .. }), .. })) => {
+            quote!(::core::option::Option::None)
+        }
         Some(Expr::Lit(ExprLit { lit: Lit::Bool(_), .. })) => {
             quote!(::core::option::Option::Some(::celeriac::retry::Backoff { factor: 1, maximum: #backoff_max, jitter: #jitter }))
         }
@@ -319,18 +453,19 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
             let v: u64 = i.base10_parse::<u64>()?.max(1);
             quote!(::core::option::Option::Some(::celeriac::retry::Backoff { factor: #v, maximum: #backoff_max, jitter: #jitter }))
         }
-        Some(other) => return Err(syn::Error::new(other.span(), "`retry_backoff` takes `true` or a whole-number factor")),
+        Some(other) => {
+            return Err(syn::Error::new(other.span(), "`retry_backoff` takes `true` or a whole-number factor"));
+        }
     };
     let priority = match opts.get("priority") {
         None => quote!(::core::option::Option::None),
-        Some(Expr::Lit(ExprLit { lit: Lit::Int(i), .. })) => {
-            let v: u8 = i.base10_parse()?;
-            if v > 9 {
-                return Err(syn::Error::new(i.span(), "`priority` is 0-9"));
-            }
-            quote!(::core::option::Option::Some(#v))
+        Some(Expr::Lit(ExprLit { lit: Lit::Int(i), .. })) => match i.base10_parse::<u8>() {
+            Ok(v) if v <= 9 => quote!(::core::option::Option::Some(#v)),
+            _ => return Err(syn::Error::new(i.span(), format!("`priority` is a whole number from 0 to 9, not {i}"))),
+        },
+        Some(other) => {
+            return Err(syn::Error::new_spanned(other, "`priority` is a whole number from 0 to 9, e.g. priority = 5"));
         }
-        Some(other) => return Err(syn::Error::new(other.span(), "`priority` is a number 0-9")),
     };
     let acks_late = opt_bool("acks_late")?;
     let ignore_result = opt_bool("ignore_result")?;
@@ -357,22 +492,33 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
     }))
 }
 
+/// The hook methods. Each hook is first bound to a function pointer of the expected signature,
+/// spanned at the option's value, so a function with the wrong signature is reported there with
+/// both signatures side by side.
 fn hook_tokens(opts: &Options) -> syn::Result<Tokens> {
-    let mut out = Tokens::new();
+    let value = quote!(&::celeriac::__private::serde_json::Value);
+    let exc = quote!(&::celeriac::ExceptionInfo);
+    let state = quote!(&::celeriac::State);
     let hooks = [
-        ("on_success", quote!(_result: &::celeriac::__private::serde_json::Value), quote!(_result)),
-        ("on_retry", quote!(_exc: &::celeriac::ExceptionInfo), quote!(_exc)),
-        ("on_failure", quote!(_exc: &::celeriac::ExceptionInfo), quote!(_exc)),
+        ("on_success", vec![(quote!(result), value.clone())]),
+        ("on_retry", vec![(quote!(exc), exc.clone())]),
+        ("on_failure", vec![(quote!(exc), exc)]),
+        ("after_return", vec![(quote!(state), state), (quote!(result), value)]),
     ];
-    for (name, param, arg) in hooks {
-        if let Some(path) = opts.get(name) {
-            let method = format_ident!("{}", name);
-            out.extend(quote!(fn #method(&self, request: &::celeriac::Request, #param) { (#path)(request, #arg) }));
-        }
+    let mut out = Tokens::new();
+    for (name, params) in hooks {
+        let Some(path) = opts.get(name) else { continue };
+        let method = format_ident!("{}", name);
+        let names: Vec<_> = params.iter().map(|(n, _)| n).collect();
+        let types: Vec<_> = params.iter().map(|(_, t)| t).collect();
+        let bind = quote_spanned!(path.span()=> let hook: fn(&::celeriac::Request, #(#types),*) = #path;);
+        let call = quote_spanned!(path.span()=> hook);
+        out.extend(quote! {
+            fn #method(&self, request: &::celeriac::Request, #(#names: #types),*) {
+                #bind
+                #call(request, #(#names),*)
+            }
+        });
     }
-    if let Some(path) = opts.get("after_return") {
-        out.extend(quote!(fn after_return(&self, request: &::celeriac::Request, state: &::celeriac::State, result: &::celeriac::__private::serde_json::Value) { (#path)(request, state, result) }));
-    }
-    let _ = Span::call_site();
     Ok(out)
 }

@@ -98,6 +98,19 @@ impl App {
         crate::canvas::send::apply_async(self, signature).await
     }
 
+    /// The members of the group `group_id` sent from here (or by a worker of this backend).
+    pub async fn group_result(&self, group_id: &str) -> Result<Option<crate::GroupResult>, Error> {
+        let record = self.backend().get_record(&format!("group:{group_id}")).await?;
+        Ok(record.and_then(|v| serde_json::from_value::<Vec<String>>(v).ok()).map(|ids| {
+            crate::GroupResult::new(group_id, ids.into_iter().map(|id| self.async_result(id)).collect())
+        }))
+    }
+
+    /// The workflow sent under `id` (its result id or first task id) as a tree with states.
+    pub async fn workflow(&self, id: &str) -> Result<Option<crate::canvas::workflow::Workflow>, Error> {
+        crate::canvas::workflow::workflow(self, id).await
+    }
+
     /// Suggests a registered name close to `name`, for "not registered" errors.
     pub fn suggest_task(&self, name: &str) -> Option<String> {
         closest(name, self.inner.tasks.keys().map(String::as_str))

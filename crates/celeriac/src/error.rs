@@ -67,6 +67,14 @@ pub enum Error {
         /// The decode error.
         source: serde_json::Error,
     },
+    /// A canvas (chain, group, chord) that cannot be applied.
+    #[error("cannot apply {task}: {problem}")]
+    Canvas {
+        /// The canvas signature's task name.
+        task: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// Arguments could not be encoded.
     #[error("cannot encode arguments for task {task}: {source}")]
     Encode {

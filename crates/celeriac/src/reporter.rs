@@ -30,6 +30,8 @@ pub struct FailureReport {
     pub queue: String,
     /// Worker node name.
     pub hostname: String,
+    /// Compensations this failure starts (saga rollback), in the order they run.
+    pub compensations: Vec<String>,
 }
 
 /// Receives every final failure. Called on the worker, after the FAILURE is stored; it must

@@ -1,12 +1,10 @@
-use celeriac::{TaskResult, task};
-
-#[task(max_retries = "three")]
-async fn add(x: i64, y: i64) -> TaskResult<i64> {
+#[celeriac::task(max_retries = "three")]
+async fn add(x: i64, y: i64) -> celeriac::TaskResult<i64> {
     Ok(x + y)
 }
 
-#[task(priority = 12)]
-async fn urgent() -> TaskResult<()> {
+#[celeriac::task(priority = 12)]
+async fn urgent() -> celeriac::TaskResult<()> {
     Ok(())
 }
 

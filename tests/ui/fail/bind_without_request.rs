@@ -1,7 +1,5 @@
-use celeriac::{TaskResult, task};
-
-#[task(bind = true)]
-async fn whoami() -> TaskResult<String> {
+#[celeriac::task(bind = true)]
+async fn whoami() -> celeriac::TaskResult<String> {
     Ok(String::new())
 }
 

@@ -1,7 +1,5 @@
-use celeriac::{TaskResult, task};
-
-#[task]
-async fn echo<T: Clone>(value: T) -> TaskResult<T> {
+#[celeriac::task]
+async fn echo<T: Clone>(value: T) -> celeriac::TaskResult<T> {
     Ok(value)
 }
 

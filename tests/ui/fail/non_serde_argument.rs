@@ -1,12 +1,10 @@
-use celeriac::{TaskResult, task};
-
 struct Point {
     x: i64,
     y: i64,
 }
 
-#[task]
-async fn norm(point: Point) -> TaskResult<i64> {
+#[celeriac::task]
+async fn norm(point: Point) -> celeriac::TaskResult<i64> {
     Ok(point.x.abs() + point.y.abs())
 }
 

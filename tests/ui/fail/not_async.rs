@@ -1,7 +1,5 @@
-use celeriac::{TaskResult, task};
-
-#[task]
-fn add(x: i64, y: i64) -> TaskResult<i64> {
+#[celeriac::task]
+fn add(x: i64, y: i64) -> celeriac::TaskResult<i64> {
     Ok(x + y)
 }
 

@@ -48,6 +48,13 @@ async fn defaults() -> TaskResult<()> {
     Ok(())
 }
 
+mod reports {
+    #[celeriac::task]
+    pub async fn nightly() -> celeriac::TaskResult<()> {
+        Ok(())
+    }
+}
+
 fn main() {
     let options = everything.options();
     assert_eq!(options.retry.max_retries, Some(7));
@@ -69,8 +76,12 @@ fn main() {
     assert_eq!(options.retry.max_retries, None);
     assert_eq!(options.retry.backoff, Some(Backoff { factor: 2, maximum: 600, jitter: true }));
 
-    // Without `name`, a task is named after its module path and function, joined with `.`;
-    // a trybuild test is its own crate, named after the file.
-    assert_eq!(Task::name(&add), "all_options.add");
+    // Without `name`, a task is named after its module path and function, joined with `.`.
+    // trybuild builds each case as its own crate with a generated name (`trybuild008`), so
+    // the expected names are built from the crate name rather than spelled out.
+    let krate = env!("CARGO_CRATE_NAME");
+    assert_eq!(Task::name(&add), format!("{krate}.add"));
+    assert_eq!(add::name(), format!("{krate}.add"));
+    assert_eq!(Task::name(&reports::nightly), format!("{krate}.reports.nightly"));
     assert_eq!(<defaults as Task>::options(&defaults), celeriac::TaskOptions::default());
 }

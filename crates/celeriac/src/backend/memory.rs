@@ -1,7 +1,7 @@
 //! In-process result backend (`memory://`), for eager mode and tests. Waiters are woken on
 //! every write instead of polling.
 
-use super::{BackendError, ResultBackend, StoreOutcome, may_overwrite};
+use super::{BackendError, ChordPart, ResultBackend, StoreOutcome, may_overwrite};
 use crate::protocol::ResultMeta;
 use async_trait::async_trait;
 use std::collections::HashMap;
@@ -14,7 +14,20 @@ use tokio::time::Instant;
 #[derive(Debug, Default)]
 pub struct MemoryBackend {
     records: Mutex<HashMap<String, (ResultMeta, Option<Instant>)>>,
+    chords: Mutex<HashMap<String, Chord>>,
+    kv: Mutex<HashMap<String, serde_json::Value>>,
     written: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Chord {
+    size: usize,
+    fired: bool,
+    parts: Vec<ChordPart>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl MemoryBackend {
@@ -64,6 +77,35 @@ impl ResultBackend for MemoryBackend {
         let before = records.len();
         records.retain(|_, (_, exp)| exp.is_none_or(|e| e > now));
         Ok((before - records.len()) as u64)
+    }
+
+    async fn chord_init(&self, group_id: &str, size: usize, _expires: Option<Duration>) -> Result<(), BackendError> {
+        lock(&self.chords).entry(group_id.to_owned()).or_default().size = size;
+        Ok(())
+    }
+
+    async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
+        let mut chords = lock(&self.chords);
+        let chord = chords.entry(group_id.to_owned()).or_default();
+        if !chord.parts.iter().any(|p| p.task_id == part.task_id) {
+            chord.parts.push(part);
+        }
+        if chord.fired || chord.size == 0 || chord.parts.len() < chord.size {
+            return Ok(None);
+        }
+        chord.fired = true;
+        let mut parts = chord.parts.clone();
+        parts.sort_by_key(|p| p.index);
+        Ok(Some(parts))
+    }
+
+    async fn put_record(&self, key: &str, value: &serde_json::Value, _expires: Option<Duration>) -> Result<(), BackendError> {
+        lock(&self.kv).insert(key.to_owned(), value.clone());
+        Ok(())
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError> {
+        Ok(lock(&self.kv).get(key).cloned())
     }
 
     async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {

@@ -60,6 +60,19 @@ pub enum StoreOutcome {
     KeptSuccess,
 }
 
+/// One finished member of a chord header, as counted by [`ResultBackend::chord_part_return`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChordPart {
+    /// Position in the header (`group_index`).
+    pub index: u64,
+    /// The member's task id.
+    pub task_id: String,
+    /// Its final state (SUCCESS, FAILURE or REVOKED).
+    pub state: State,
+    /// Its return value, or the exception dict.
+    pub result: serde_json::Value,
+}
+
 /// A result store.
 #[async_trait]
 pub trait ResultBackend: Send + Sync + 'static {
@@ -78,6 +91,21 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Deletes expired records; returns how many.
     async fn cleanup(&self) -> Result<u64, BackendError>;
+
+    /// Records that the chord `group_id` has `size` header members. Called once, before any
+    /// member is published.
+    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError>;
+
+    /// Counts one finished header member (idempotent per task id, so a redelivered member
+    /// is not counted twice). Returns every member, ordered by index, to exactly one caller:
+    /// the one whose part completed the chord.
+    async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError>;
+
+    /// Stores a JSON record under `key` (workflow trees, rollback records, saved groups).
+    async fn put_record(&self, key: &str, value: &serde_json::Value, expires: Option<Duration>) -> Result<(), BackendError>;
+
+    /// The JSON record under `key`.
+    async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError>;
 
     /// Waits until `task_id` is ready or `timeout` passes; returns the last record seen.
     /// The default polls with a growing interval (5 ms to 200 ms).

@@ -2,7 +2,8 @@
 //! as JSON; the upsert refuses to replace a SUCCESS row, so a late duplicate cannot undo a
 //! result.
 
-use super::{BackendError, ResultBackend, StoreOutcome};
+use super::{BackendError, ChordPart, ResultBackend, StoreOutcome};
+use crate::protocol::State;
 use crate::protocol::ResultMeta;
 use crate::sqlite_common::{now_millis, open, path_of};
 use async_trait::async_trait;
@@ -19,6 +20,25 @@ CREATE TABLE IF NOT EXISTS celeriac_results (
     expires_at INTEGER
 );
 CREATE INDEX IF NOT EXISTS celeriac_results_expires ON celeriac_results (expires_at);
+CREATE TABLE IF NOT EXISTS celeriac_chords (
+    group_id TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    fired INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS celeriac_chord_parts (
+    group_id TEXT NOT NULL,
+    task_id TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    result BLOB NOT NULL,
+    PRIMARY KEY (group_id, task_id)
+);
+CREATE TABLE IF NOT EXISTS celeriac_records (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL,
+    expires_at INTEGER
+);
 ";
 
 /// The SQLite backend.
@@ -94,6 +114,82 @@ impl ResultBackend for SqliteBackend {
             .await
             .map_err(err("cleanup"))?;
         Ok(done.rows_affected())
+    }
+
+    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
+        sqlx::query("INSERT INTO celeriac_chords (group_id, size, expires_at) VALUES (?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET size = excluded.size")
+            .bind(group_id)
+            .bind(size as i64)
+            .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
+            .execute(&self.pool)
+            .await
+            .map_err(err("chord init"))?;
+        Ok(())
+    }
+
+    async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
+        // The INSERT takes the write lock first, so concurrent members serialize here and
+        // exactly one of them sees the count reach the size and flips `fired`.
+        let mut tx = self.pool.begin().await.map_err(err("chord part"))?;
+        sqlx::query("INSERT INTO celeriac_chord_parts (group_id, task_id, idx, state, result) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
+            .bind(group_id)
+            .bind(&part.task_id)
+            .bind(part.index as i64)
+            .bind(part.state.as_str())
+            .bind(serde_json::to_vec(&part.result).unwrap_or_default())
+            .execute(&mut *tx)
+            .await
+            .map_err(err("chord part"))?;
+        let fired = sqlx::query(
+            "UPDATE celeriac_chords SET fired = 1 WHERE group_id = ?1 AND fired = 0
+             AND size <= (SELECT COUNT(*) FROM celeriac_chord_parts WHERE group_id = ?1)",
+        )
+        .bind(group_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("chord part"))?;
+        let parts = if fired.rows_affected() == 1 {
+            let rows = sqlx::query("SELECT task_id, idx, state, result FROM celeriac_chord_parts WHERE group_id = ? ORDER BY idx")
+                .bind(group_id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(err("chord part"))?;
+            Some(
+                rows.iter()
+                    .map(|r| ChordPart {
+                        index: r.get::<i64, _>("idx") as u64,
+                        task_id: r.get("task_id"),
+                        state: State::parse(r.get("state")),
+                        result: serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).unwrap_or_default(),
+                    })
+                    .collect(),
+            )
+        } else {
+            None
+        };
+        tx.commit().await.map_err(err("chord part"))?;
+        Ok(parts)
+    }
+
+    async fn put_record(&self, key: &str, value: &serde_json::Value, expires: Option<Duration>) -> Result<(), BackendError> {
+        sqlx::query("INSERT INTO celeriac_records (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at")
+            .bind(key)
+            .bind(serde_json::to_vec(value).unwrap_or_default())
+            .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
+            .execute(&self.pool)
+            .await
+            .map_err(err("put record"))?;
+        Ok(())
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError> {
+        let row = sqlx::query("SELECT value FROM celeriac_records WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)")
+            .bind(key)
+            .bind(now_millis())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("get record"))?;
+        Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("value")).ok()))
     }
 
     async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {

@@ -1,7 +1,15 @@
 //! Building and sending task calls: [`Signature`](crate::Signature) options
 //! (`countdown`, `eta`, `expires`, `queue`, `priority`, ...) and the client side of sending.
-//! Chains, groups and chords come next, on top of the same signature type.
+//! Chains, groups and chords are signatures too (`primitives`), applied by `apply`; the
+//! worker continues workflows in `dispatch`; `saga` rolls failed chains back; `workflow` shows
+//! a workflow as a tree.
 
+pub(crate) mod apply;
 pub(crate) mod dispatch;
 mod options;
+mod primitives;
+pub mod saga;
 pub(crate) mod send;
+pub mod workflow;
+
+pub use primitives::{chain, chord, group};

@@ -8,8 +8,20 @@ use crate::Error;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
-/// Sends `signature` (or runs it inline in eager mode).
+/// Sends `signature`, of any kind (or runs it inline in eager mode).
 pub(crate) async fn apply_async(app: &App, signature: Signature) -> Result<AsyncResult, Error> {
+    let lineage = super::apply::Lineage::default();
+    if signature.subtask_type.is_some() {
+        let mut frozen = signature;
+        let result_id = super::apply::freeze(&mut frozen)?;
+        super::workflow::save(app, &frozen, &result_id).await?;
+        return super::apply::apply(app, frozen, None, &lineage).await;
+    }
+    super::apply::apply(app, signature, None, &lineage).await
+}
+
+/// Sends one plain task signature.
+pub(crate) async fn send_one(app: &App, signature: Signature) -> Result<AsyncResult, Error> {
     let (queue, message) = build_message(app, &signature, Utc::now())?;
     if app.config().task_always_eager {
         // Boxed: an eager task may send further tasks, which run eagerly too.
@@ -83,6 +95,9 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
     headers.retries = options.get("retries").and_then(Value::as_u64).unwrap_or(0) as u32;
     if let Some(Value::Object(extra)) = options.get("headers") {
         headers.extra.extend(extra.clone());
+    }
+    if let Some(comp) = options.get("compensation") {
+        headers.extra.insert(super::saga::COMPENSATION.into(), comp.clone());
     }
     let body = TaskBody {
         args: signature.args.clone(),

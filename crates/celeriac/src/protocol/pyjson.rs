@@ -1,7 +1,7 @@
 //! JSON text exactly as Python's `json.dumps` writes it (what kombu and Celery put on the wire).
 //!
 //! Python separates items with `", "` and keys from values with `": "`, escapes every non-ASCII
-//! character as `\uXXXX` (`ensure_ascii=True`), and prints floats with `repr()` (`1e-05`,
+//! character and DEL as `\uXXXX` (`ensure_ascii=True`), and prints floats with `repr()` (`1e-05`,
 //! `1e+16`, `0.1`). Writing the same bytes lets golden fixtures of real Celery traffic round-trip
 //! byte for byte. Parsing needs nothing special: `serde_json` reads any JSON.
 //! Not for: deciding field order; that comes from the types (and `serde_json`'s
@@ -52,12 +52,14 @@ impl Formatter for PythonFormatter {
     }
 
     fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
-        if fragment.is_ascii() {
+        // serde_json has already escaped `"`, `\` and the C0 controls. Python escapes every
+        // character outside ' '..='~' (`ESCAPE_ASCII`): that leaves DEL (0x7f) and non-ASCII to us.
+        if fragment.bytes().all(|b| b.is_ascii() && b != 0x7f) {
             return w.write_all(fragment.as_bytes());
         }
         let mut units = [0u16; 2];
         for ch in fragment.chars() {
-            if ch.is_ascii() {
+            if ch.is_ascii() && ch != '\u{7f}' {
                 w.write_all(&[ch as u8])?;
             } else {
                 for unit in ch.encode_utf16(&mut units) {
@@ -132,8 +134,8 @@ mod tests {
 
     #[test]
     fn separators_and_ascii_escapes_match_python() {
-        let value = json!({"a": [1, 2.5, null, true], "t": "caf\u{e9} \u{1F600} \"q\"\n"});
+        let value = json!({"a": [1, 2.5, null, true], "t": "caf\u{e9} \u{1F600} \"q\"\n\u{0}\u{7f}~"});
         let text = to_string(&value).unwrap();
-        assert_eq!(text, r#"{"a": [1, 2.5, null, true], "t": "caf\u00e9 \ud83d\ude00 \"q\"\n"}"#);
+        assert_eq!(text, r#"{"a": [1, 2.5, null, true], "t": "caf\u00e9 \ud83d\ude00 \"q\"\n\u0000\u007f~"}"#);
     }
 }

@@ -226,10 +226,11 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         }
     }
     let request = executor::request(app, &message, &body, &ctx.options.hostname, d.redelivered(), false);
-    let call = Call { app: app.clone(), task: task.clone(), message, body, request: request.clone(), effective };
+    let call = Call { app: app.clone(), task: task.clone(), message, body, request: request.clone(), effective, started_at: Utc::now() };
     if call.effective.track_started {
         call.started().await;
     }
+    crate::canvas::saga::on_start(&call).await;
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
     let decision = tokio::select! {
         dec = executor::run(task, request, &call.effective) => Some(dec),

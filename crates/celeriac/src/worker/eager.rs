@@ -19,7 +19,16 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
     loop {
         let effective = Effective::new(app, task.as_ref(), &message);
         let request = executor::request(app, &message, &body, "eager@localhost", false, true);
-        let call = Call { app: app.clone(), task: task.clone(), message: message.clone(), body: body.clone(), request: request.clone(), effective };
+        let call = Call {
+            app: app.clone(),
+            task: task.clone(),
+            message: message.clone(),
+            body: body.clone(),
+            request: request.clone(),
+            effective,
+            started_at: chrono::Utc::now(),
+        };
+        crate::canvas::saga::on_start(&call).await;
         let decision = executor::name_failure(executor::run(task.clone(), request, &call.effective).await, &name, &id);
         let failure = match decision {
             Decision::Success(value) => {

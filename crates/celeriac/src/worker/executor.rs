@@ -47,7 +47,9 @@ impl Effective {
         let config = app.config();
         let (hard, soft) = message.headers.time_limits();
         Effective {
-            acks_late: options.acks_late.unwrap_or(config.task_acks_late),
+            // Compensations are always acknowledged late: a rollback must survive a crash.
+            acks_late: crate::canvas::saga::is_compensation(&message.headers.extra)
+                || options.acks_late.unwrap_or(config.task_acks_late),
             ignore_result: message.headers.ignore_result || options.ignore_result.unwrap_or(config.task_ignore_result),
             track_started: options.track_started.unwrap_or(config.task_track_started),
             time_limit: hard.or(options.time_limit).or(config.task_time_limit),

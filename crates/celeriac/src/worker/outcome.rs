@@ -17,6 +17,8 @@ pub(crate) struct Call {
     pub body: TaskBody,
     pub request: Request,
     pub effective: Effective,
+    /// When the run started.
+    pub started_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Call {
@@ -26,12 +28,16 @@ impl Call {
         let mut meta = ResultMeta::new(&self.request.id, status, result);
         meta.group_id = self.request.group.clone();
         meta.parent_id = self.request.parent_id.clone();
+        meta.retries = Some(self.request.retries);
+        if meta.status.is_ready() {
+            // Celeriac extension (Python ignores unknown keys): when the run started.
+            meta.extra.insert("date_started".into(), Value::String(crate::protocol::time::to_iso(&self.started_at)));
+        }
         if self.app.config().result_extended {
             meta.name = Some(self.request.task.clone());
             meta.args = Some(self.body.args.clone());
             meta.kwargs = Some(self.body.kwargs.clone());
             meta.worker = Some(self.request.hostname.clone());
-            meta.retries = Some(self.request.retries);
             meta.queue = Some(self.message.queue().to_owned());
         }
         meta
@@ -88,6 +94,7 @@ impl Call {
             parent_id: self.request.parent_id.clone(),
             queue: self.message.queue().to_owned(),
             hostname: self.request.hostname.clone(),
+            compensations: crate::canvas::saga::pending_compensations(self),
         };
         for reporter in self.app.error_reporters() {
             reporter.report(&report);

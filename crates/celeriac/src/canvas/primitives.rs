@@ -1,0 +1,94 @@
+//! `chain`, `group` and `chord`, built as Celery builds them: signatures named `celery.chain`,
+//! `celery.group` and `celery.chord` with `subtask_type` set and their members under
+//! `kwargs.tasks` / `kwargs.header` / `kwargs.body`, so they serialize to Celery's exact JSON
+//! and nest inside each other and inside messages.
+
+use crate::protocol::Signature;
+use serde_json::{Map, Value};
+
+fn canvas(task: &str, kind: &str, kwargs: Map<String, Value>) -> Signature {
+    let mut sig = Signature::new(task, Vec::new());
+    sig.kwargs = kwargs;
+    sig.subtask_type = Some(kind.to_owned());
+    sig
+}
+
+fn list(sigs: impl IntoIterator<Item = Signature>) -> Value {
+    Value::Array(sigs.into_iter().map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).collect())
+}
+
+/// Steps run one after another, each getting the previous result prepended to its arguments
+/// (unless immutable).
+pub fn chain(steps: impl IntoIterator<Item = Signature>) -> Signature {
+    let mut kwargs = Map::new();
+    kwargs.insert("tasks".into(), list(steps));
+    canvas("celery.chain", "chain", kwargs)
+}
+
+/// Members run in parallel; the group's result is the list of their results.
+pub fn group(members: impl IntoIterator<Item = Signature>) -> Signature {
+    let mut kwargs = Map::new();
+    kwargs.insert("tasks".into(), list(members));
+    canvas("celery.group", "group", kwargs)
+}
+
+/// The header members run in parallel; when all have finished, `body` runs with the list of
+/// their results (in header order) prepended.
+pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Signature {
+    let mut kwargs = Map::new();
+    kwargs.insert("kwargs".into(), Value::Object(Map::new()));
+    kwargs.insert("header".into(), serde_json::to_value(group(header)).unwrap_or(Value::Null));
+    kwargs.insert("body".into(), serde_json::to_value(body).unwrap_or(Value::Null));
+    canvas("celery.chord", "chord", kwargs)
+}
+
+/// The kinds of signature.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Kind {
+    Task,
+    Chain(Vec<Signature>),
+    Group(Vec<Signature>),
+    Chord { header: Vec<Signature>, body: Box<Signature> },
+}
+
+fn members(value: Option<&Value>) -> Vec<Signature> {
+    value.and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()
+}
+
+/// What a signature is, with its members decoded.
+pub(crate) fn kind(sig: &Signature) -> Result<Kind, String> {
+    match sig.subtask_type.as_deref() {
+        None => Ok(Kind::Task),
+        Some("chain") => Ok(Kind::Chain(members(sig.kwargs.get("tasks")))),
+        Some("group") => Ok(Kind::Group(members(sig.kwargs.get("tasks")))),
+        Some("chord") => {
+            let header = match sig.kwargs.get("header") {
+                Some(Value::Array(_)) => members(sig.kwargs.get("header")),
+                Some(h) => {
+                    let g: Signature = serde_json::from_value(h.clone()).map_err(|e| format!("chord header: {e}"))?;
+                    members(g.kwargs.get("tasks"))
+                }
+                None => Vec::new(),
+            };
+            let body = sig.kwargs.get("body").ok_or("chord without a body")?;
+            let body: Signature = serde_json::from_value(body.clone()).map_err(|e| format!("chord body: {e}"))?;
+            Ok(Kind::Chord { header, body: Box::new(body) })
+        }
+        Some(other) => Err(format!("canvas type {other:?} is not supported (chain, group and chord are)")),
+    }
+}
+
+impl Signature {
+    /// Declares `undo` as this step's compensation: if the chain it belongs to later fails for
+    /// good, `undo` runs (with this step's result prepended, unless immutable), in reverse
+    /// order of the steps that succeeded. A Celeriac extension (`options.compensation`).
+    pub fn compensate_with(self, undo: Signature) -> Self {
+        let value = serde_json::to_value(undo).unwrap_or(Value::Null);
+        self.set("compensation", value)
+    }
+
+    /// The declared compensation, if any.
+    pub fn compensation(&self) -> Option<Signature> {
+        self.options.get("compensation").and_then(|v| serde_json::from_value(v.clone()).ok())
+    }
+}

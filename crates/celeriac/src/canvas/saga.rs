@@ -1,0 +1,241 @@
+//! Saga rollback, a Celeriac extension: a chain step may declare a compensation
+//! ([`Signature::compensate_with`]). As the chain runs, each succeeded step's compensation
+//! (with the step's result prepended) rides along in the `celeriac_saga` header. When a step
+//! fails for good, a rollback record is stored in the backend under `rollback:<root_id>` and the
+//! compensations run one at a time, in reverse order, as ordinary tasks with their own retries,
+//! acknowledged late so a worker killed mid-rollback hands the step to another worker. Each
+//! step's state (pending, running, done, failed) is recorded as it goes, and the chain's
+//! result records say whether the rollback is running, done, or failed.
+//!
+//! Python workers ignore these headers: rollback needs Celeriac workers for the chain's steps.
+
+use super::apply::{Lineage, apply};
+use crate::app::App;
+use crate::protocol::{ExceptionInfo, ResultMeta, Signature, State, time};
+use crate::worker::Call;
+use crate::Error;
+use chrono::Utc;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Header with the compensations of the steps that succeeded so far.
+pub(crate) const SAGA: &str = "celeriac_saga";
+/// Header with this step's own compensation (from `options.compensation`).
+pub(crate) const COMPENSATION: &str = "celeriac_compensation";
+/// Header marking a compensation message: `{"root_id", "index"}`.
+pub(crate) const ROLLBACK: &str = "celeriac_rollback";
+
+/// A compensation owed for a step that succeeded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Owed {
+    compensation: Signature,
+    step: String,
+    step_id: String,
+}
+
+/// One compensation in a rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollbackStep {
+    /// The compensation task's name.
+    pub task: String,
+    /// Its task id.
+    pub task_id: String,
+    /// The step it undoes.
+    pub for_step: String,
+    /// That step's task id.
+    pub for_step_id: String,
+    /// `pending`, `running`, `done` or `failed`.
+    pub state: String,
+    /// Retries of the compensation so far.
+    pub retries: u32,
+    /// The error, when it failed.
+    pub error: Option<ExceptionInfo>,
+    /// The compensation call.
+    pub compensation: Signature,
+}
+
+/// The durable record of one rollback.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollback {
+    /// The workflow's root id.
+    pub root_id: String,
+    /// `running`, `done` (every compensation succeeded) or `failed` (one failed for good).
+    pub state: String,
+    /// The step that failed.
+    pub failed_task: String,
+    /// Its task id.
+    pub failed_task_id: String,
+    /// Why it failed.
+    pub error: ExceptionInfo,
+    /// The chain's result id, whose record says how the rollback went.
+    pub chain_result_id: String,
+    /// When the rollback started.
+    pub started_at: String,
+    /// When it finished.
+    pub finished_at: Option<String>,
+    /// Compensations in the order they run (reverse order of the steps).
+    pub steps: Vec<RollbackStep>,
+}
+
+impl Rollback {
+    /// A short summary stored in the chain's result records.
+    fn summary(&self) -> Value {
+        serde_json::json!({"state": self.state, "root_id": self.root_id, "compensations": self.steps.len()})
+    }
+}
+
+fn key(root_id: &str) -> String {
+    format!("rollback:{root_id}")
+}
+
+/// The rollback record of the workflow `root_id`, if it was rolled back.
+pub async fn rollback(app: &App, root_id: &str) -> Result<Option<Rollback>, Error> {
+    Ok(app.backend().get_record(&key(root_id)).await?.and_then(|v| serde_json::from_value(v).ok()))
+}
+
+async fn save(app: &App, record: &Rollback) -> Result<(), Error> {
+    let value = serde_json::to_value(record).unwrap_or(Value::Null);
+    Ok(app.backend().put_record(&key(&record.root_id), &value, app.config().result_expires_duration()).await?)
+}
+
+fn owed(call: &Call) -> Vec<Owed> {
+    call.message.headers.extra.get(SAGA).and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()
+}
+
+/// Names of the compensations a failure of this call would run (for error reports).
+pub(crate) fn pending_compensations(call: &Call) -> Vec<String> {
+    owed(call).into_iter().rev().map(|o| o.compensation.task).collect()
+}
+
+/// Headers the steps after a successful call carry: the owed compensations, plus this step's.
+pub(crate) fn headers_after_success(call: &Call, value: &Value) -> Map<String, Value> {
+    let mut list = owed(call);
+    if let Some(mut comp) = call.message.headers.extra.get(COMPENSATION).and_then(|v| serde_json::from_value::<Signature>(v.clone()).ok()) {
+        if !comp.immutable {
+            comp.args.insert(0, value.clone());
+        }
+        list.push(Owed { compensation: comp, step: call.request.task.clone(), step_id: call.request.id.clone() });
+    }
+    let mut headers = Map::new();
+    if !list.is_empty() {
+        headers.insert(SAGA.into(), serde_json::to_value(list).unwrap_or(Value::Null));
+    }
+    headers
+}
+
+fn rollback_header(call: &Call) -> Option<(String, usize)> {
+    let h = call.message.headers.extra.get(ROLLBACK)?;
+    Some((h.get("root_id")?.as_str()?.to_owned(), h.get("index")?.as_u64()? as usize))
+}
+
+/// Whether this call is a compensation (always acknowledged late).
+pub(crate) fn is_compensation(headers: &Map<String, Value>) -> bool {
+    headers.contains_key(ROLLBACK)
+}
+
+/// Starts the rollback when a saga step fails for good; returns the summary for the chain's
+/// result records.
+pub(crate) async fn start_rollback(call: &Call, exc: &ExceptionInfo) -> Option<Value> {
+    if rollback_header(call).is_some() {
+        return None;
+    }
+    let owed = owed(call);
+    if owed.is_empty() {
+        return None;
+    }
+    let app = &call.app;
+    let root = call.request.root_id.clone().unwrap_or_else(|| call.request.id.clone());
+    if let Ok(Some(existing)) = rollback(app, &root).await {
+        return Some(existing.summary());
+    }
+    let chain_result_id = call
+        .body
+        .embed
+        .as_ref()
+        .and_then(|e| e.chain.as_ref())
+        .and_then(|c| c.first())
+        .and_then(|s| s.task_id().map(str::to_owned))
+        .unwrap_or_else(|| call.request.id.clone());
+    let steps = owed
+        .into_iter()
+        .rev()
+        .map(|o| RollbackStep {
+            task: o.compensation.task.clone(),
+            task_id: uuid::Uuid::new_v4().to_string(),
+            for_step: o.step,
+            for_step_id: o.step_id,
+            state: "pending".into(),
+            retries: 0,
+            error: None,
+            compensation: o.compensation,
+        })
+        .collect();
+    let record = Rollback {
+        root_id: root,
+        state: "running".into(),
+        failed_task: call.request.task.clone(),
+        failed_task_id: call.request.id.clone(),
+        error: exc.clone(),
+        chain_result_id,
+        started_at: time::to_iso(&Utc::now()),
+        finished_at: None,
+        steps,
+    };
+    tracing::warn!(root_id = %record.root_id, compensations = record.steps.len(), "chain failed for good: rolling back");
+    if let Err(e) = save(app, &record).await {
+        tracing::error!(error = %e, "could not store the rollback record; not rolling back");
+        return None;
+    }
+    send_step(app, &record, 0).await;
+    Some(record.summary())
+}
+
+async fn send_step(app: &App, record: &Rollback, index: usize) {
+    let Some(step) = record.steps.get(index) else { return };
+    let mut sig = step.compensation.clone();
+    sig.options.insert("task_id".into(), Value::String(step.task_id.clone()));
+    let mut headers = Map::new();
+    headers.insert(ROLLBACK.into(), serde_json::json!({"root_id": record.root_id, "index": index}));
+    let lineage = Lineage { parent_id: Some(record.failed_task_id.clone()), root_id: Some(record.root_id.clone()), headers };
+    if let Err(e) = apply(app, sig, None, &lineage).await {
+        tracing::error!(root_id = %record.root_id, error = %e, "could not send compensation");
+    }
+}
+
+/// Marks a compensation running (called when it starts).
+pub(crate) async fn on_start(call: &Call) {
+    let Some((root, index)) = rollback_header(call) else { return };
+    if let Ok(Some(mut record)) = rollback(&call.app, &root).await
+        && let Some(step) = record.steps.get_mut(index)
+    {
+        step.state = "running".into();
+        step.retries = call.request.retries;
+        let _ = save(&call.app, &record).await;
+    }
+}
+
+/// Records a compensation's final state and sends the next one, or finishes the rollback.
+pub(crate) async fn after_compensation(call: &Call, state: State, exc: Option<&ExceptionInfo>) {
+    let Some((root, index)) = rollback_header(call) else { return };
+    let app = &call.app;
+    let Ok(Some(mut record)) = rollback(app, &root).await else { return };
+    let Some(step) = record.steps.get_mut(index) else { return };
+    if step.state == "done" || step.state == "failed" {
+        return; // a redelivered compensation: the record already moved on
+    }
+    step.state = if state == State::Success { "done" } else { "failed" }.into();
+    step.retries = call.request.retries;
+    step.error = exc.cloned();
+    if index + 1 < record.steps.len() {
+        let _ = save(app, &record).await;
+        send_step(app, &record, index + 1).await;
+        return;
+    }
+    record.state = if record.steps.iter().all(|s| s.state == "done") { "done" } else { "failed" }.into();
+    record.finished_at = Some(time::to_iso(&Utc::now()));
+    let _ = save(app, &record).await;
+    tracing::warn!(root_id = %root, state = %record.state, "rollback finished");
+    let mut meta = ResultMeta::exception(&record.chain_result_id, State::Failure, &record.error, None);
+    meta.extra.insert("rollback".into(), record.summary());
+    let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
+}

@@ -1,0 +1,187 @@
+//! Workflow status: given the id a workflow was sent under (or its root id), the tree of every
+//! signature in it with its state, timing, retries and result, plus its rollback if it had one.
+//! Canvases sent from a client are recorded (frozen, with all task ids) under `workflow:<id>`.
+
+use super::primitives::{Kind, kind};
+use super::saga::{Rollback, rollback};
+use crate::app::App;
+use crate::protocol::{Signature, State};
+use crate::Error;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use std::fmt;
+
+/// Records a frozen canvas under its result id and its first task's id.
+pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Result<(), Error> {
+    let value = serde_json::to_value(frozen).unwrap_or(Value::Null);
+    let expires = app.config().result_expires_duration();
+    app.backend().put_record(&format!("workflow:{result_id}"), &value, expires).await?;
+    if let Some(first) = first_task_id(frozen)
+        && first != result_id
+    {
+        app.backend().put_record(&format!("workflow:{first}"), &value, expires).await?;
+    }
+    Ok(())
+}
+
+fn first_task_id(sig: &Signature) -> Option<String> {
+    match kind(sig).ok()? {
+        Kind::Task => sig.task_id().map(str::to_owned),
+        Kind::Chain(steps) => steps.first().and_then(first_task_id),
+        Kind::Group(_) | Kind::Chord { .. } => sig.task_id().map(str::to_owned),
+    }
+}
+
+/// One node of a workflow tree.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkflowNode {
+    /// Task name, or `chain` / `group` / `chord` / `header` / `body`.
+    pub name: String,
+    /// Task id (group id for groups).
+    pub id: Option<String>,
+    /// State of a task node (PENDING when nothing is stored).
+    pub state: Option<State>,
+    /// Retries of a task node.
+    pub retries: Option<u32>,
+    /// When it started, if known.
+    pub started: Option<String>,
+    /// When it finished.
+    pub done: Option<String>,
+    /// Its result (or error), shortened.
+    pub result: Option<String>,
+    /// Its compensation task, if it declared one.
+    pub compensation: Option<String>,
+    /// Members or steps.
+    pub children: Vec<WorkflowNode>,
+}
+
+/// A workflow's tree and its rollback.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    /// The tree.
+    pub root: WorkflowNode,
+    /// The rollback record, if the workflow was rolled back.
+    pub rollback: Option<Rollback>,
+}
+
+/// The workflow recorded under `id`, with every task's current state.
+pub async fn workflow(app: &App, id: &str) -> Result<Option<Workflow>, Error> {
+    let Some(value) = app.backend().get_record(&format!("workflow:{id}")).await? else { return Ok(None) };
+    let Ok(sig) = serde_json::from_value::<Signature>(value) else { return Ok(None) };
+    let root = node(app, &sig, None).await?;
+    let root_id = first_task_id(&sig).unwrap_or_else(|| id.to_owned());
+    let rollback = rollback(app, &root_id).await?;
+    Ok(Some(Workflow { root, rollback }))
+}
+
+fn short(v: &Value) -> String {
+    let text = match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if text.chars().count() > 60 { format!("{}…", text.chars().take(59).collect::<String>()) } else { text }
+}
+
+fn node<'a>(app: &'a App, sig: &'a Signature, label: Option<&'a str>) -> BoxFuture<'a, Result<WorkflowNode, Error>> {
+    Box::pin(async move {
+        let mut n = WorkflowNode {
+            name: label.unwrap_or(&sig.task).to_owned(),
+            id: sig.task_id().map(str::to_owned),
+            state: None,
+            retries: None,
+            started: None,
+            done: None,
+            result: None,
+            compensation: sig.compensation().map(|c| c.task),
+            children: Vec::new(),
+        };
+        match kind(sig).map_err(|p| Error::Canvas { task: sig.task.clone(), problem: p })? {
+            Kind::Task => {
+                if let Some(id) = &n.id {
+                    let meta = app.async_result(id).meta().await?;
+                    n.retries = meta.retries;
+                    n.started = meta.extra.get("date_started").and_then(Value::as_str).map(str::to_owned);
+                    n.done = meta.date_done.clone();
+                    n.result = match meta.status {
+                        State::Pending => None,
+                        State::Failure | State::Retry | State::Revoked => meta.exception_info().map(|e| format!("{}: {}", e.exc_type, e.message())),
+                        _ => Some(short(&meta.result)),
+                    };
+                    n.state = Some(meta.status);
+                }
+            }
+            Kind::Chain(steps) => {
+                n.name = "chain".into();
+                for s in &steps {
+                    n.children.push(node(app, s, None).await?);
+                }
+            }
+            Kind::Group(members) => {
+                n.name = label.unwrap_or("group").into();
+                for m in &members {
+                    n.children.push(node(app, m, None).await?);
+                }
+            }
+            Kind::Chord { header, body } => {
+                n.name = "chord".into();
+                let mut h = WorkflowNode { name: "header".into(), id: n.id.clone(), state: None, retries: None, started: None, done: None, result: None, compensation: None, children: Vec::new() };
+                for m in &header {
+                    h.children.push(node(app, m, None).await?);
+                }
+                n.children.push(h);
+                let mut b = node(app, &body, None).await?;
+                b.name = format!("body: {}", b.name);
+                n.children.push(b);
+            }
+        }
+        Ok(n)
+    })
+}
+
+impl fmt::Display for Workflow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fn line(f: &mut fmt::Formatter<'_>, n: &WorkflowNode, prefix: &str, last: bool, top: bool) -> fmt::Result {
+            let branch = if top { "" } else if last { "└─ " } else { "├─ " };
+            write!(f, "{prefix}{branch}{}", n.name)?;
+            if let Some(state) = &n.state {
+                write!(f, "  [{state}]")?;
+            }
+            if let Some(id) = &n.id {
+                write!(f, "  {id}")?;
+            }
+            if let Some(r) = n.retries.filter(|r| *r > 0) {
+                write!(f, "  retries={r}")?;
+            }
+            if let Some(d) = &n.done {
+                write!(f, "  done={d}")?;
+            }
+            if let Some(r) = &n.result {
+                write!(f, "  → {r}")?;
+            }
+            if let Some(c) = &n.compensation {
+                write!(f, "  (undo: {c})")?;
+            }
+            writeln!(f)?;
+            let child_prefix = if top { prefix.to_owned() } else { format!("{prefix}{}", if last { "   " } else { "│  " }) };
+            for (i, c) in n.children.iter().enumerate() {
+                line(f, c, &child_prefix, i + 1 == n.children.len(), false)?;
+            }
+            Ok(())
+        }
+        line(f, &self.root, "", true, true)?;
+        if let Some(r) = &self.rollback {
+            writeln!(f, "rollback [{}] after {} {} failed: {}", r.state, r.failed_task, r.failed_task_id, r.error)?;
+            for s in &r.steps {
+                write!(f, "   {} for {}  [{}]  {}", s.task, s.for_step, s.state, s.task_id)?;
+                if s.retries > 0 {
+                    write!(f, "  retries={}", s.retries)?;
+                }
+                if let Some(e) = &s.error {
+                    write!(f, "  → {e}")?;
+                }
+                writeln!(f)?;
+            }
+        }
+        Ok(())
+    }
+}
