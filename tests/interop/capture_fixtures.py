@@ -15,6 +15,16 @@ What it does:
    ``result_extended=True`` captures ``extended_success``. Workers are
    stopped by their own pid (SIGTERM, warm shutdown).
 3. backoff/: a table of ``celery.utils.time.get_exponential_backoff_interval``.
+4. canvas/: ``signatures/`` holds kombu's JSON of canvas signatures (as built
+   and frozen); ``messages/`` the list values a client publishes for nested
+   canvases (no worker), plus the keys it wrote to the backend DB meanwhile;
+   ``runs/`` one JSON document per canvas run on a real worker: the value
+   ``.get()`` returned, the result tree, every stored task meta, and, from a
+   Redis ``MONITOR`` connection, every message LPUSHed to the broker DB and
+   every command sent to the backend DB by the worker (and its Lua scripts).
+
+``--only SECTION...`` picks sections; ``--out DIR`` writes under DIR instead
+of tests/fixtures (to check a capture without touching the committed files).
 
 Only Redis DBs 9 and 10 are touched (and flushed). Paths are derived from
 this file's location; nothing machine-specific is written into the fixtures
@@ -1139,8 +1149,8 @@ def redis_client_ports(pid):
     return ports
 
 
-# Commands that only read: left out of `backend_writes` unless a Lua script
-# (a chord script run by the worker) issued them.
+# Commands that only read: left out of `backend_commands` when this process
+# (the client, or this script's own polling) issued them.
 READ_COMMANDS = {
     "GET", "MGET", "EXISTS", "TTL", "PTTL", "TYPE", "KEYS", "SCAN", "PING", "ECHO",
     "SUBSCRIBE", "UNSUBSCRIBE", "PSUBSCRIBE", "PUNSUBSCRIBE", "CLIENT", "INFO",
@@ -1168,9 +1178,10 @@ def scrub_obj(obj):
 
 
 class RunRecorder:
-    def __init__(self, monitor, worker):
+    def __init__(self, monitor, worker, lua_scripts):
         self.monitor = monitor
         self.worker = worker
+        self.lua_scripts = lua_scripts
         self.ports = {"worker": set(), "client": set()}
 
     def note_ports(self):
@@ -1354,12 +1365,13 @@ def run_case(recorder, case, description, start, expect):
              **decode_published(args[2])}
             for db, client, args in published
         ],
-        "backend_writes": [
-            {"by": recorder.who(client), "command": args[0].decode().upper(),
-             "args": decoded_args(args[1:])}
+        "lua_scripts": recorder.lua_scripts,
+        "backend_commands": [
+            {"by": by, "command": args[0].decode().upper(), "args": decoded_args(args[1:])}
             for db, client, args in commands
+            for by in [recorder.who(client)]
             if db == BACKEND_DB
-            and (client == "lua" or args[0].decode().upper() not in READ_COMMANDS)
+            and (by in ("worker", "lua") or args[0].decode().upper() not in READ_COMMANDS)
             and not (len(args) > 1 and args[1].decode("utf-8", "replace").startswith("fixture-"))
         ],
         "backend_keys_after": backend_keys,
@@ -1546,15 +1558,33 @@ CANVAS_RUN_CASES = [
 ]
 
 
+def load_chord_scripts():
+    """SCRIPT LOAD the Redis backend's chord Lua scripts: {sha1: name}.
+
+    The worker runs them with EVALSHA and falls back to SCRIPT LOAD only when
+    the server lacks them, so loading them first keeps the recorded command
+    sequence the same whether or not this Redis server has seen them before.
+    """
+    import celery.backends.redis as celery_redis
+
+    scripts = {}
+    for name in sorted(dir(celery_redis)):
+        if name.endswith("_LUA") and isinstance(getattr(celery_redis, name), str):
+            sha = backend.script_load(getattr(celery_redis, name))
+            scripts[sha] = f"celery.backends.redis.{name}"
+    return scripts
+
+
 def capture_canvas_runs():
     log("== canvas/runs (real worker, MONITOR)")
     flush()
+    lua_scripts = load_chord_scripts()
     worker = Worker(extended=False)
     monitor = RedisMonitor()
     try:
         worker.start()
         monitor.start()
-        recorder = RunRecorder(monitor, worker)
+        recorder = RunRecorder(monitor, worker, lua_scripts)
         for case, description, start, expect in CANVAS_RUN_CASES:
             run_case(recorder, case, description, start, expect)
     finally:

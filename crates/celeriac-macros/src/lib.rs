@@ -120,9 +120,9 @@ fn parse_options(attr: Tokens) -> syn::Result<Options> {
     Ok(options)
 }
 
-/// The option nearest to a misspelt `key` (at most two edits away), for "did you mean".
+/// The option nearest to a misspelt `key` (at most three edits away), for "did you mean".
 fn closest_option(key: &str) -> Option<&'static str> {
-    OPTIONS.iter().map(|o| (edit_distance(key, o), *o)).filter(|(d, _)| *d <= 2).min().map(|(_, o)| o)
+    OPTIONS.iter().map(|o| (edit_distance(key, o), *o)).filter(|(d, _)| *d <= 3 && *d < key.len()).min().map(|(_, o)| o)
 }
 
 /// Levenshtein distance, small inputs only.

@@ -221,8 +221,6 @@ pub(crate) fn apply<'a>(app: &'a App, mut sig: Signature, prepend: Option<Value>
             Kind::Chord { header, body } => {
                 let gid = sig.task_id().map(str::to_owned).unwrap_or_default();
                 if header.is_empty() {
-                    let mut child = lineage.clone();
-                    child.parent_id = lineage.parent_id.clone();
                     return apply(app, *body, Some(Value::Array(Vec::new())), lineage).await;
                 }
                 app.backend().chord_init(&gid, header.len(), app.config().result_expires_duration()).await?;

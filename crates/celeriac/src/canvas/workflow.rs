@@ -11,10 +11,16 @@ use futures::future::BoxFuture;
 use serde_json::Value;
 use std::fmt;
 
-/// Records a frozen canvas under its result id and its first task's id.
+/// Records a frozen canvas under its result id and its first task's id, and every group in it
+/// (so `App::group_result` works before the group is sent).
 pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Result<(), Error> {
     let value = serde_json::to_value(frozen).unwrap_or(Value::Null);
     let expires = app.config().result_expires_duration();
+    let mut groups = Vec::new();
+    collect_groups(frozen, &mut groups);
+    for (gid, members) in groups {
+        app.backend().put_record(&format!("group:{gid}"), &Value::from(members), expires).await?;
+    }
     app.backend().put_record(&format!("workflow:{result_id}"), &value, expires).await?;
     if let Some(first) = first_task_id(frozen)
         && first != result_id
@@ -22,6 +28,31 @@ pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Resu
         app.backend().put_record(&format!("workflow:{first}"), &value, expires).await?;
     }
     Ok(())
+}
+
+fn collect_groups(sig: &Signature, out: &mut Vec<(String, Vec<String>)>) {
+    match kind(sig) {
+        Ok(Kind::Chain(steps)) => steps.iter().for_each(|s| collect_groups(s, out)),
+        Ok(Kind::Group(members)) => {
+            if let Some(gid) = sig.task_id() {
+                out.push((gid.to_owned(), members.iter().filter_map(final_task_id).collect()));
+            }
+            members.iter().for_each(|m| collect_groups(m, out));
+        }
+        Ok(Kind::Chord { header, body }) => {
+            header.iter().for_each(|m| collect_groups(m, out));
+            collect_groups(&body, out);
+        }
+        _ => {}
+    }
+}
+
+/// The id of the task whose result is `sig`'s result.
+fn final_task_id(sig: &Signature) -> Option<String> {
+    match kind(sig).ok()? {
+        Kind::Chain(steps) => steps.last().and_then(final_task_id),
+        _ => sig.task_id().map(str::to_owned),
+    }
 }
 
 fn first_task_id(sig: &Signature) -> Option<String> {
