@@ -8,13 +8,8 @@ Environment:
   CELERIAC_FIXTURE_BROKER    broker URL  (default redis://127.0.0.1:6379/9)
   CELERIAC_FIXTURE_BACKEND   backend URL (default redis://127.0.0.1:6379/10)
   CELERIAC_FIXTURE_EXTENDED  "1" -> result_extended=True
-
-The errback tasks (``tasks.errback_new``, ``tasks.errback_old``) RPUSH a JSON
-record of what they were called with onto the list ``fixture-errbacks`` in
-the result backend's Redis DB, for the canvas runs to read back.
 """
 
-import json
 import os
 import time
 
@@ -102,9 +97,15 @@ def sleepy(seconds=2.0):
 
 
 # --------------------------------------------------------------------------
-# Errbacks for the canvas runs. They only add a record to a Redis list; the
-# tasks above are unchanged (and ``tasks.on_err`` still records nothing).
+# Errbacks for the canvas runs (tasks.errback_new, tasks.errback_old). Each
+# RPUSHes a JSON record of what it was called with onto the list
+# ``fixture-errbacks`` in the result backend's Redis DB, for the capture
+# script to read back. Everything is appended here, below the tasks above, so
+# that their line numbers (which appear in captured tracebacks) do not move;
+# the tasks above are unchanged (``tasks.on_err`` still records nothing).
 # --------------------------------------------------------------------------
+
+import json  # noqa: E402
 
 ERRBACK_LIST = "fixture-errbacks"
 

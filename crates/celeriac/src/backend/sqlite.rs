@@ -108,11 +108,19 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn cleanup(&self) -> Result<u64, BackendError> {
+        let now = now_millis();
         let done = sqlx::query("DELETE FROM celeriac_results WHERE expires_at IS NOT NULL AND expires_at <= ?")
-            .bind(now_millis())
+            .bind(now)
             .execute(&self.pool)
             .await
             .map_err(err("cleanup"))?;
+        for sql in [
+            "DELETE FROM celeriac_records WHERE expires_at IS NOT NULL AND expires_at <= ?",
+            "DELETE FROM celeriac_chord_parts WHERE group_id IN (SELECT group_id FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?)",
+            "DELETE FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?",
+        ] {
+            sqlx::query(sql).bind(now).execute(&self.pool).await.map_err(err("cleanup"))?;
+        }
         Ok(done.rows_affected())
     }
 

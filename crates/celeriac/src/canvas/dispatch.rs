@@ -84,8 +84,8 @@ pub(crate) async fn on_failure(call: &Call, exc: &ExceptionInfo) {
     let rollback = saga::start_rollback(call, exc).await;
     if let Some(embed) = call.body.embed.as_ref() {
         for step in embed.chain.iter().flatten() {
-            if let Some(id) = step.task_id() {
-                store_failure(call, id, exc, rollback.clone().map(|r| ("rollback", r))).await;
+            if let Some(id) = super::primitives::result_id(step) {
+                store_failure(call, &id, exc, rollback.clone().map(|r| ("rollback", r))).await;
             }
         }
         let lineage = lineage(call, Default::default());
@@ -116,12 +116,7 @@ async fn chord_part(call: &Call, state: State, result: Value) -> Option<String> 
     if let Some(bad) = parts.iter().find(|p| p.state.propagates()) {
         let cause = serde_json::from_value::<ExceptionInfo>(bad.result.clone()).map(|e| e.repr()).unwrap_or_else(|_| bad.result.to_string());
         let exc = ExceptionInfo::new("ChordError", format!("Dependency {} raised {cause}", bad.task_id), CELERY_EXCEPTIONS);
-        let mut body_id = body.task_id().map(str::to_owned);
-        if body_id.is_none() && body.subtask_type.as_deref() == Some("chain") {
-            let mut frozen = body.clone();
-            body_id = super::apply::freeze(&mut frozen).ok();
-        }
-        if let Some(id) = &body_id {
+        if let Some(id) = &super::primitives::result_id(&body) {
             store_failure(call, id, &exc, None).await;
             for eb in body.options.get("link_error").and_then(|v| serde_json::from_value::<Vec<Signature>>(v.clone()).ok()).into_iter().flatten() {
                 send(call, eb, Some(Value::String(id.clone())), &lineage).await;

@@ -55,6 +55,16 @@ fn members(value: Option<&Value>) -> Vec<Signature> {
     value.and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default()
 }
 
+/// The id under which `sig`'s result is stored (once frozen): a task's id, a chain's last
+/// step's, a chord's body's, a group's id.
+pub(crate) fn result_id(sig: &Signature) -> Option<String> {
+    match kind(sig).ok()? {
+        Kind::Task | Kind::Group(_) => sig.task_id().map(str::to_owned),
+        Kind::Chain(steps) => steps.last().and_then(result_id),
+        Kind::Chord { body, .. } => result_id(&body),
+    }
+}
+
 /// What a signature is, with its members decoded.
 pub(crate) fn kind(sig: &Signature) -> Result<Kind, String> {
     match sig.subtask_type.as_deref() {

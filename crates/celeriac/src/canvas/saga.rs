@@ -154,7 +154,7 @@ pub(crate) async fn start_rollback(call: &Call, exc: &ExceptionInfo) -> Option<V
         .as_ref()
         .and_then(|e| e.chain.as_ref())
         .and_then(|c| c.first())
-        .and_then(|s| s.task_id().map(str::to_owned))
+        .and_then(super::primitives::result_id)
         .unwrap_or_else(|| call.request.id.clone());
     let steps = owed
         .into_iter()

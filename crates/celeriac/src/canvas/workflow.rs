@@ -2,7 +2,7 @@
 //! signature in it with its state, timing, retries and result, plus its rollback if it had one.
 //! Canvases sent from a client are recorded (frozen, with all task ids) under `workflow:<id>`.
 
-use super::primitives::{Kind, kind};
+use super::primitives::{Kind, kind, result_id};
 use super::saga::{Rollback, rollback};
 use crate::app::App;
 use crate::protocol::{Signature, State};
@@ -35,7 +35,7 @@ fn collect_groups(sig: &Signature, out: &mut Vec<(String, Vec<String>)>) {
         Ok(Kind::Chain(steps)) => steps.iter().for_each(|s| collect_groups(s, out)),
         Ok(Kind::Group(members)) => {
             if let Some(gid) = sig.task_id() {
-                out.push((gid.to_owned(), members.iter().filter_map(final_task_id).collect()));
+                out.push((gid.to_owned(), members.iter().filter_map(result_id).collect()));
             }
             members.iter().for_each(|m| collect_groups(m, out));
         }
@@ -47,13 +47,6 @@ fn collect_groups(sig: &Signature, out: &mut Vec<(String, Vec<String>)>) {
     }
 }
 
-/// The id of the task whose result is `sig`'s result.
-fn final_task_id(sig: &Signature) -> Option<String> {
-    match kind(sig).ok()? {
-        Kind::Chain(steps) => steps.last().and_then(final_task_id),
-        _ => sig.task_id().map(str::to_owned),
-    }
-}
 
 fn first_task_id(sig: &Signature) -> Option<String> {
     match kind(sig).ok()? {

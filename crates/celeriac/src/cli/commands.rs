@@ -25,6 +25,13 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
         Command::Worker(args) => worker(&app, args).await,
         Command::Call(args) => call(&app, args).await,
         Command::Result { id, wait, timeout } => result(&app, &id, wait, timeout).await,
+        Command::Workflow { id } => match app.workflow(&id).await? {
+            Some(w) => {
+                print!("{w}");
+                Ok(ExitCode::SUCCESS)
+            }
+            None => Err(format!("no workflow recorded under {id:?} (workflows are recorded when a chain, group or chord is sent)").into()),
+        },
         Command::Purge { queue } => {
             let queue = queue.unwrap_or_else(|| app.config().task_default_queue.clone());
             let n = app.broker().purge(&queue).await?;

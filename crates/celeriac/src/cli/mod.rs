@@ -66,6 +66,11 @@ pub enum Command {
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
     },
+    /// Show a workflow (chain, group, chord) as a tree with each task's state, and its rollback.
+    Workflow {
+        /// The workflow's result id or first task id.
+        id: String,
+    },
     /// Delete every waiting message of a queue.
     Purge {
         /// Queue (default `task_default_queue`).

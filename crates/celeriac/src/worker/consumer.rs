@@ -77,6 +77,7 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
     });
     let tracker = TaskTracker::new();
     let renewer = tokio::spawn(renew_leases(ctx.clone()));
+    let cleaner = tokio::spawn(clean_expired_results(ctx.app.clone()));
     fetch_loop(&ctx, &tracker).await;
     tracker.close();
     let grace = Duration::from_secs_f64(ctx.options.shutdown_timeout.max(0.0));
@@ -90,6 +91,20 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
         }
     }
     renewer.abort();
+    cleaner.abort();
+}
+
+/// Deletes expired results now and then (Celery leaves this to a `celery.backend_cleanup`
+/// beat task; a worker doing it needs no beat).
+async fn clean_expired_results(app: App) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        match app.backend().cleanup().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "expired results deleted"),
+            Err(e) => tracing::warn!(error = %e, "could not delete expired results"),
+        }
+    }
 }
 
 async fn fetch_loop(ctx: &Arc<Ctx>, tracker: &TaskTracker) {
