@@ -1,6 +1,8 @@
 //! Result backends: SUCCESS is never overwritten, expiry, forget, waiting; the same contract on
 //! memory and SQLite. Plus `AsyncResult` navigation and `GroupResult`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use celeriac::backend::{ResultBackend, StoreOutcome};

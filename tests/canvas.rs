@@ -1,6 +1,8 @@
 //! Workflows: chain, group, chord, link/link_error, nested canvases, failure paths, chord
 //! counting under concurrency, saga rollback and workflow trees. On SQLite with real workers.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use celeriac::canvas::{chain, chord, group};

@@ -9,6 +9,8 @@
 //!
 //! Not for: running tasks on a worker (see `worker_basics.rs`).
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 #[test]
 fn task_macro_ui() {
     let cases = trybuild::TestCases::new();

@@ -4,6 +4,8 @@
 //! The killed worker is this test binary re-run as a child process (`child_worker`), so the
 //! kill is a real `kill -9` of a separate process.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use celeriac::{App, Request, State, TaskResult, task};

@@ -6,6 +6,8 @@
 //! `get_exponential_backoff_interval`, and the `argsrepr`/`kwargsrepr` headers pin our repr to
 //! Celery's `saferepr`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use celeriac::protocol::{
     BUILTINS, Embed, ExceptionInfo, Message, ResultMeta, Signature, State, TaskBody, TaskHeaders, args_repr, py_repr,
     time,

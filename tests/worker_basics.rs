@@ -1,5 +1,7 @@
 //! End-to-end: tasks sent, run by a worker, results read back; on memory and SQLite.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use celeriac::{App, Request, State, TaskError, TaskResult, task};

@@ -2,6 +2,8 @@
 //! the dead-letter queue, ETA and expiry, prefetch limits, graceful and immediate shutdown,
 //! bad input, eager mode, hooks, routing and rate limits.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use celeriac::broker::QueueStats;

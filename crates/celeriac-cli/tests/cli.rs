@@ -1,6 +1,8 @@
 //! The `celeriac` binary end to end on a SQLite file: call, inspect, a worker that dead-letters
 //! a task it does not know, result, dlq list/show/replay/purge, purge, config errors.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 

@@ -195,7 +195,8 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
     };
     if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %id, "task expired before it ran: revoked");
-        let meta = ResultMeta::exception(&id, State::Revoked, &ExceptionInfo::revoked("expired"), None);
+        let mut meta = ResultMeta::exception(&id, State::Revoked, &ExceptionInfo::revoked("expired"), None);
+        meta.children = None; // as Celery writes REVOKED
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
         ctx.stats.revoked.fetch_add(1, Ordering::Relaxed);
         let _ = app.broker().ack(d).await;

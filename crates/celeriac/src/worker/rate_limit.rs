@@ -23,7 +23,7 @@ impl RateLimit {
             "h" => 3600.0,
             other => return Err(format!("unknown unit {other:?} in rate {text:?}: use s, m or h")),
         };
-        if !(count > 0.0) {
+        if count.is_nan() || count <= 0.0 {
             return Err(format!("rate {text:?} must be positive"));
         }
         Ok(RateLimit { per_second: count / per })
