@@ -315,7 +315,9 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             }
         }
         Decision::BadArguments(e) => {
-            call.failed(&ExceptionInfo::type_error(e.to_string()), None).await;
+            let exc = ExceptionInfo::type_error(e.to_string());
+            call.failed(&exc, None).await;
+            crate::canvas::dispatch::on_failure(call, &exc).await;
             ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
             dead_letter(ctx, d, &format!("arguments do not fit: {e}")).await;
         }
