@@ -68,7 +68,8 @@ async fn unsupported_urls_say_what_works() {
 
 #[task(bind = true)]
 async fn parent_task(req: Request, x: i64) -> TaskResult<String> {
-    let child = req.send(child_task::s(x + 1)).await.map_err(|e| celeriac::TaskError::new("SendFailed", e.to_string()))?;
+    let child =
+        req.send(child_task::s(x + 1)).await.map_err(|e| celeriac::TaskError::new("SendFailed", e.to_string()))?;
     Ok(child.id().to_owned())
 }
 
@@ -81,14 +82,24 @@ async fn child_task(x: i64) -> TaskResult<i64> {
 #[tokio::test]
 async fn results_know_their_parent_and_group_results_join() {
     let (_dir, url) = common::sqlite_url();
-    let app = App::builder().broker_url(&url).set("result_extended", true).task(parent_task).task(child_task).build().await.unwrap();
+    let app = App::builder()
+        .broker_url(&url)
+        .set("result_extended", true)
+        .task(parent_task)
+        .task(child_task)
+        .build()
+        .await
+        .unwrap();
     let (shutdown, worker) = common::start_worker(&app, 4);
     let parent = parent_task::delay(&app, 1).await.unwrap();
     let child_id: String = parent.get(Duration::from_secs(10)).await.unwrap();
     let child = app.async_result(&child_id);
     let children: Vec<String> = parent.children().await.unwrap().iter().map(|c| c.id().to_owned()).collect();
     assert_eq!(children, vec![child_id.clone()], "the parent's result lists the task it sent");
-    assert!(common::eventually(Duration::from_secs(5), || async { child.state().await.unwrap() == State::Started }).await, "track_started stores STARTED");
+    assert!(
+        common::eventually(Duration::from_secs(5), || async { child.state().await.unwrap() == State::Started }).await,
+        "track_started stores STARTED"
+    );
     assert_eq!(child.get::<i64>(Duration::from_secs(10)).await.unwrap(), 2);
     assert_eq!(child.parent().await.unwrap().map(|p| p.id().to_owned()), Some(parent.id().to_owned()));
     let meta = child.meta().await.unwrap();

@@ -54,7 +54,9 @@ async fn on_error(failed_id: String, tag: String) -> TaskResult<()> {
     Ok(())
 }
 
-async fn app_with_worker(concurrency: usize) -> (tempfile::TempDir, App, celeriac::Shutdown, tokio::task::JoinHandle<celeriac::WorkerSummary>) {
+async fn app_with_worker(
+    concurrency: usize,
+) -> (tempfile::TempDir, App, celeriac::Shutdown, tokio::task::JoinHandle<celeriac::WorkerSummary>) {
     let (dir, url) = sqlite_url();
     let app = App::builder()
         .broker_url(&url)
@@ -122,7 +124,8 @@ async fn nested_canvases() {
     let tsum_sig = celeriac::Signature::new("c.tsum", vec![]);
 
     // A group inside a chain becomes a chord with the next step as its body: 2 → [3, 4] → 7.
-    let r = chain([add::s(1, 1), group([one("c.add", 1), one("c.add", 2)]), tsum_sig.clone()]).delay(&app).await.unwrap();
+    let r =
+        chain([add::s(1, 1), group([one("c.add", 1), one("c.add", 2)]), tsum_sig.clone()]).delay(&app).await.unwrap();
     assert_eq!(r.get::<i64>(WAIT).await.unwrap(), 7);
 
     // A chord inside a chain, followed by another step: (2 → [3, 4] → 7) × 10.
@@ -154,7 +157,8 @@ async fn failures_stop_chains_fire_errbacks_and_fail_chords() {
     let (_d, app, shutdown, worker) = app_with_worker(2).await;
     let errback = celeriac::Signature::new("c.on_error", vec!["chain-eb".into()]);
     let failing = celeriac::Signature::new("c.fail", vec![]).link_error(errback);
-    let r = chain([add::s(1, 1), failing, celeriac::Signature::new("c.mul", vec![10.into()])]).delay(&app).await.unwrap();
+    let r =
+        chain([add::s(1, 1), failing, celeriac::Signature::new("c.mul", vec![10.into()])]).delay(&app).await.unwrap();
     let err = r.get::<i64>(WAIT).await.unwrap_err().to_string();
     assert!(err.contains("ValueError") && err.contains("deliberate"), "the chain's result fails too: {err}");
     let failed_id = app.async_result(r.id()).meta().await.unwrap();
@@ -163,13 +167,24 @@ async fn failures_stop_chains_fire_errbacks_and_fail_chords() {
     let eb = events_for("chain-eb");
     assert_eq!(eb.len(), 1, "the errback ran once: {eb:?}");
 
-    let body = celeriac::Signature::new("c.tsum", vec![]).link_error(celeriac::Signature::new("c.on_error", vec!["chord-eb".into()]));
-    let c = chord([add::s(1, 1), celeriac::Signature::new("c.fail", vec![]), add::s(2, 2)], body).delay(&app).await.unwrap();
+    let body = celeriac::Signature::new("c.tsum", vec![])
+        .link_error(celeriac::Signature::new("c.on_error", vec!["chord-eb".into()]));
+    let c = chord([add::s(1, 1), celeriac::Signature::new("c.fail", vec![]), add::s(2, 2)], body)
+        .delay(&app)
+        .await
+        .unwrap();
     let err = c.get::<i64>(WAIT).await.unwrap_err();
     let celeriac::Error::TaskFailed { exc, .. } = err else { panic!("{err}") };
     assert_eq!((exc.exc_type.as_str(), exc.exc_module.as_str()), ("ChordError", "celery.exceptions"));
-    assert!(exc.message().starts_with("Dependency ") && exc.message().contains("ValueError('deliberate')"), "{}", exc.message());
-    assert!(eventually(WAIT, || async { events_for("chord-eb").len() == 1 }).await, "the body's errback ran with the body id");
+    assert!(
+        exc.message().starts_with("Dependency ") && exc.message().contains("ValueError('deliberate')"),
+        "{}",
+        exc.message()
+    );
+    assert!(
+        eventually(WAIT, || async { events_for("chord-eb").len() == 1 }).await,
+        "the body's errback ran with the body id"
+    );
     assert_eq!(events_for("chord-eb")[0], format!("chord-eb:\"{}\"", c.id()).replace('"', ""));
     shutdown.graceful();
     worker.await.unwrap();
@@ -269,7 +284,9 @@ async fn saga_rolls_back_in_reverse_order_with_retries() {
         .task(charge)
         .task(refund)
         .task(ship)
-        .error_reporter(|f: &FailureReport| REPORTS.lock().unwrap().push((f.task_name.clone(), f.compensations.clone())))
+        .error_reporter(|f: &FailureReport| {
+            REPORTS.lock().unwrap().push((f.task_name.clone(), f.compensations.clone()))
+        })
         .build()
         .await
         .unwrap();
@@ -295,12 +312,17 @@ async fn saga_rolls_back_in_reverse_order_with_retries() {
     let rb = celeriac::canvas::saga::rollback(&app, &first).await.unwrap().unwrap();
     assert_eq!(rb.failed_task, "s.ship");
     assert_eq!(rb.error.exc_type, "CarrierDown");
-    let steps: Vec<(&str, &str, &str, u32)> = rb.steps.iter().map(|s| (s.task.as_str(), s.for_step.as_str(), s.state.as_str(), s.retries)).collect();
+    let steps: Vec<(&str, &str, &str, u32)> =
+        rb.steps.iter().map(|s| (s.task.as_str(), s.for_step.as_str(), s.state.as_str(), s.retries)).collect();
     assert_eq!(steps, vec![("s.refund", "s.charge", "done", 1), ("s.release", "s.reserve", "done", 0)]);
     assert_eq!(REFUND_ATTEMPTS.load(Ordering::SeqCst), 2, "the compensation retried on its own");
     let chain_meta = r.meta().await.unwrap();
     assert_eq!(chain_meta.status, State::Failure);
-    assert_eq!(chain_meta.extra.get("rollback").and_then(|v| v.get("state")).and_then(Value::as_str), Some("done"), "the chain's result says it was rolled back");
+    assert_eq!(
+        chain_meta.extra.get("rollback").and_then(|v| v.get("state")).and_then(Value::as_str),
+        Some("done"),
+        "the chain's result says it was rolled back"
+    );
     let reports = REPORTS.lock().unwrap().clone();
     assert_eq!(reports, vec![("s.ship".to_owned(), vec!["s.refund".to_owned(), "s.release".to_owned()])]);
     let tree = app.workflow(&first).await.unwrap().unwrap().to_string();
@@ -337,10 +359,13 @@ async fn a_rollback_interrupted_by_a_stopped_worker_resumes() {
     let app = App::builder().broker_url(&url).task(step).task(slow_undo).task(boom).build().await.unwrap();
     let (shutdown, worker) = start_worker(&app, 2);
     let first = uuid::Uuid::new_v4().to_string();
-    chain([step::s(1).with_task_id(&first).compensate_with(celeriac::Signature::new("k.slow_undo", vec![])), celeriac::Signature::new("k.boom", vec![])])
-        .delay(&app)
-        .await
-        .unwrap();
+    chain([
+        step::s(1).with_task_id(&first).compensate_with(celeriac::Signature::new("k.slow_undo", vec![])),
+        celeriac::Signature::new("k.boom", vec![]),
+    ])
+    .delay(&app)
+    .await
+    .unwrap();
     let running = eventually(WAIT, || async {
         matches!(celeriac::canvas::saga::rollback(&app, &first).await, Ok(Some(rb)) if rb.steps[0].state == "running")
     })

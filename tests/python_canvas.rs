@@ -71,7 +71,17 @@ fn message_from(published: &Value) -> Message {
 async fn run_case(name: &str) {
     let doc = fixture(name);
     let (_dir, url) = common::sqlite_url();
-    let app = App::builder().broker_url(&url).task(add).task(mul).task(tsum).task(echo).task(fail).task(on_err).build().await.unwrap();
+    let app = App::builder()
+        .broker_url(&url)
+        .task(add)
+        .task(mul)
+        .task(tsum)
+        .task(echo)
+        .task(fail)
+        .task(on_err)
+        .build()
+        .await
+        .unwrap();
     // What the Python client stored besides messages: chord sizes.
     for cmd in doc["backend_commands"].as_array().unwrap() {
         let args = cmd["args"].as_array().unwrap();
@@ -112,7 +122,11 @@ async fn run_case(name: &str) {
             let exc = meta.exception_info().unwrap();
             assert_eq!(format!("{}.{}", exc.exc_module, exc.exc_type), raised["type"].as_str().unwrap(), "{name}");
             if exc.exc_type == "ChordError" {
-                assert!(exc.message().starts_with("Dependency ") && exc.message().ends_with("raised KeyError('nope')"), "{name}: {}", exc.message());
+                assert!(
+                    exc.message().starts_with("Dependency ") && exc.message().ends_with("raised KeyError('nope')"),
+                    "{name}: {}",
+                    exc.message()
+                );
             }
         }
     }

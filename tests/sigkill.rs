@@ -16,7 +16,10 @@ const CHILD_DB: &str = "CELERIAC_TEST_CHILD_DB";
 const MARKER: &str = "CELERIAC_TEST_MARKER";
 
 fn log_line(line: &str) {
-    let path = std::env::var_os(MARKER).map(std::path::PathBuf::from).or_else(|| MARKER_PATH.get().cloned()).expect("marker path");
+    let path = std::env::var_os(MARKER)
+        .map(std::path::PathBuf::from)
+        .or_else(|| MARKER_PATH.get().cloned())
+        .expect("marker path");
     let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("marker file");
     writeln!(f, "{line}").expect("write marker");
 }
@@ -64,7 +67,10 @@ async fn sigkill_hands_the_task_to_another_worker() {
         .stdout(std::process::Stdio::null())
         .spawn()
         .expect("spawn child worker");
-    let started = common::eventually(Duration::from_secs(30), || async { std::fs::read_to_string(&marker).is_ok_and(|m| m.contains("start")) }).await;
+    let started = common::eventually(Duration::from_secs(30), || async {
+        std::fs::read_to_string(&marker).is_ok_and(|m| m.contains("start"))
+    })
+    .await;
     assert!(started, "child worker never started the task");
     child.kill().expect("SIGKILL the child"); // SIGKILL on Unix
     child.wait().expect("reap child");
@@ -87,7 +93,10 @@ async fn sigkill_hands_the_task_to_another_worker() {
     assert!(starts[1].ends_with("delivery=again"), "{log}");
     assert_eq!(dones, vec![format!("done {}", std::process::id())], "finished exactly once");
     assert!(handoff < Duration::from_secs(10), "handed over in {handoff:?}, expected within seconds");
-    assert!(app.broker().stats().await.unwrap().iter().all(|s| s.ready + s.leased + s.scheduled == 0), "nothing left in the queue");
+    assert!(
+        app.broker().stats().await.unwrap().iter().all(|s| s.ready + s.leased + s.scheduled == 0),
+        "nothing left in the queue"
+    );
 }
 
 /// The marker file in the parent process (environment variables cannot be set safely in a

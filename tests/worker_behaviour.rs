@@ -48,7 +48,11 @@ static DURABLE_CALLS: AtomicU32 = AtomicU32::new(0);
 #[task(bind = true, max_retries = 3)]
 async fn retry_later(req: Request) -> TaskResult<u32> {
     DURABLE_CALLS.fetch_add(1, Ordering::SeqCst);
-    if req.retries == 0 { Err(req.retry().countdown(1.5).exc(TaskError::new("NotYet", "try later")).into()) } else { Ok(req.retries) }
+    if req.retries == 0 {
+        Err(req.retry().countdown(1.5).exc(TaskError::new("NotYet", "try later")).into())
+    } else {
+        Ok(req.retries)
+    }
 }
 
 #[tokio::test]
@@ -93,7 +97,9 @@ async fn max_retries_exceeded_fails_reports_and_dead_letters() {
     let app = App::builder()
         .broker_url(&url)
         .task(always_flaky)
-        .error_reporter(|f: &FailureReport| REPORTED.lock().unwrap().push(format!("{}:{}:{}", f.task_name, f.retries, f.exc.exc_type)))
+        .error_reporter(|f: &FailureReport| {
+            REPORTED.lock().unwrap().push(format!("{}:{}:{}", f.task_name, f.retries, f.exc.exc_type))
+        })
         .build()
         .await
         .unwrap();
@@ -170,7 +176,11 @@ async fn max_leased(multiplier: usize, disable: bool, late: bool) -> u64 {
     let (_dir, url) = sqlite_url();
     let app = App::builder().broker_url(&url).task(slow).task(slow_late).build().await.unwrap();
     for _ in 0..10 {
-        if late { slow_late::delay(&app, 400).await.unwrap() } else { slow::delay(&app, 400).await.unwrap() };
+        if late {
+            slow_late::delay(&app, 400).await.unwrap()
+        } else {
+            slow::delay(&app, 400).await.unwrap()
+        };
     }
     let mut o = fast_options(&app, 1);
     o.prefetch_multiplier = multiplier;
@@ -255,10 +265,30 @@ async fn every_kind_of_bad_message_is_dead_lettered_with_its_reason() {
     let raw = |s: &str| s.as_bytes().to_vec();
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (raw("this is not json"), "undecodable envelope"),
-        (raw(r#"{"body": "@@notbase64", "content-type": "application/json", "headers": {"task": "t.typed", "id": "b1"}, "properties": {"body_encoding": "base64"}}"#), "base64"),
-        (raw(r#"{"body": "gAN9cQAu", "content-type": "application/x-python-serialize", "headers": {"task": "t.typed", "id": "b2"}, "properties": {"body_encoding": "base64"}}"#), "content type"),
-        (raw(r#"{"body": "e30=", "content-type": "application/json", "headers": {}, "properties": {"body_encoding": "base64"}}"#), "not a task message"),
-        (raw(r#"{"body": "eyJhIjogMX0=", "content-type": "application/json", "headers": {"task": "t.typed", "id": "b3"}, "properties": {"body_encoding": "base64"}}"#), "undecodable body"),
+        (
+            raw(
+                r#"{"body": "@@notbase64", "content-type": "application/json", "headers": {"task": "t.typed", "id": "b1"}, "properties": {"body_encoding": "base64"}}"#,
+            ),
+            "base64",
+        ),
+        (
+            raw(
+                r#"{"body": "gAN9cQAu", "content-type": "application/x-python-serialize", "headers": {"task": "t.typed", "id": "b2"}, "properties": {"body_encoding": "base64"}}"#,
+            ),
+            "content type",
+        ),
+        (
+            raw(
+                r#"{"body": "e30=", "content-type": "application/json", "headers": {}, "properties": {"body_encoding": "base64"}}"#,
+            ),
+            "not a task message",
+        ),
+        (
+            raw(
+                r#"{"body": "eyJhIjogMX0=", "content-type": "application/json", "headers": {"task": "t.typed", "id": "b3"}, "properties": {"body_encoding": "base64"}}"#,
+            ),
+            "undecodable body",
+        ),
     ];
     for (payload, _) in &cases {
         b.publish_raw("celery", payload, 0, now).await.unwrap();
@@ -277,7 +307,10 @@ async fn every_kind_of_bad_message_is_dead_lettered_with_its_reason() {
         let d = dead.iter().find(|d| d.payload == *payload).expect("original bytes kept");
         assert!(d.reason.contains(reason), "{:?} should mention {reason:?}", d.reason);
     }
-    assert!(reasons.iter().any(|r| r.contains("unknown task \"t.tyepd\"") && r.contains("did you mean \"t.typed\"")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("unknown task \"t.tyepd\"") && r.contains("did you mean \"t.typed\"")),
+        "{reasons:?}"
+    );
     assert!(reasons.iter().any(|r| r.contains("t.typed: argument `count`")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("takes 1 positional argument(s) but 2 were given")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("poison pill")), "{reasons:?}");
@@ -287,7 +320,11 @@ async fn every_kind_of_bad_message_is_dead_lettered_with_its_reason() {
     let err = wrong_type.get::<u32>(WAIT).await.unwrap_err().to_string();
     assert!(err.contains("TypeError"), "{err}");
     assert!(too_many.get::<u32>(WAIT).await.is_err());
-    assert_eq!(queue_stats(&app, "celery").await, QueueStats { queue: String::new(), ..Default::default() }, "nothing left behind");
+    assert_eq!(
+        queue_stats(&app, "celery").await,
+        QueueStats { queue: String::new(), ..Default::default() },
+        "nothing left behind"
+    );
 }
 
 // ---- eager mode ----------------------------------------------------------------------------
@@ -307,7 +344,14 @@ async fn eager_fail() -> TaskResult<()> {
 
 #[tokio::test]
 async fn eager_mode_runs_inline_with_retries() {
-    let app = App::builder().broker_url("memory://").set("task_always_eager", true).task(eager_flaky).task(eager_fail).build().await.unwrap();
+    let app = App::builder()
+        .broker_url("memory://")
+        .set("task_always_eager", true)
+        .task(eager_flaky)
+        .task(eager_fail)
+        .build()
+        .await
+        .unwrap();
     let r = eager_flaky::delay(&app, 21).await.unwrap();
     assert_eq!(r.state().await.unwrap(), State::Success, "done before delay() returned");
     assert_eq!(r.get::<i64>(Duration::from_millis(10)).await.unwrap(), 42);
@@ -362,7 +406,10 @@ async fn routes_send_to_the_configured_queue_and_hooks_run() {
     assert_eq!(r.get::<u64>(WAIT).await.unwrap(), 250);
     shutdown.graceful();
     worker.await.unwrap();
-    assert_eq!(SUCCESSES.lock().unwrap().clone(), vec!["billing.charge=250".to_owned(), "after:billing.charge:SUCCESS".to_owned()]);
+    assert_eq!(
+        SUCCESSES.lock().unwrap().clone(),
+        vec!["billing.charge=250".to_owned(), "after:billing.charge:SUCCESS".to_owned()]
+    );
 }
 
 static STARTS: Mutex<Vec<Instant>> = Mutex::new(Vec::new());

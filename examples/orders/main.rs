@@ -97,7 +97,9 @@ async fn notify_sms(shipment: String) -> TaskResult<String> {
 #[task(name = "orders.summary")]
 async fn summary(notifications: Vec<String>, order_id: u64, submitted_ms: i64) -> TaskResult<i64> {
     if notifications.len() != 2 {
-        return Err(TaskError::value_error(format!("order {order_id}: expected 2 notifications, got {notifications:?}")));
+        return Err(TaskError::value_error(format!(
+            "order {order_id}: expected 2 notifications, got {notifications:?}"
+        )));
     }
     Ok(submitted_ms)
 }
@@ -171,7 +173,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 async fn main() -> anyhow::Result<()> {
     celeriac::cli::init_logging("error", celeriac::cli::LogFormat::Human);
     let args = parse_args()?;
-    *FLAKY.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(rand::rngs::StdRng::seed_from_u64(args.seed));
+    *FLAKY.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+        Some(rand::rngs::StdRng::seed_from_u64(args.seed));
     let default_db = std::env::temp_dir().join(format!("celeriac-orders-{}.db", std::process::id()));
     let broker = args.broker.clone().unwrap_or_else(|| format!("sqlite://{}", default_db.display()));
     let reports: Arc<Mutex<Vec<FailureReport>>> = Arc::default();
@@ -221,7 +224,13 @@ async fn main() -> anyhow::Result<()> {
     let mut submitted = Vec::new();
     let mut handoff_ms = Vec::new();
     for id in 1..=args.orders {
-        let order = Order { id, customer: format!("customer-{}", id % 37), amount_cents: 1_000 + id * 7, sku: format!("SKU-{}", id % 11), quantity: 1 + (id % 3) as u32 };
+        let order = Order {
+            id,
+            customer: format!("customer-{}", id % 37),
+            amount_cents: 1_000 + id * 7,
+            sku: format!("SKU-{}", id % 11),
+            quantity: 1 + (id % 3) as u32,
+        };
         let t = Instant::now();
         let first_step = uuid::Uuid::new_v4().to_string();
         let mut flow = workflow(&order, Utc::now().timestamp_millis());
@@ -284,7 +293,9 @@ async fn main() -> anyhow::Result<()> {
             Some((State::Success, date_done)) => {
                 done += 1;
                 let meta = result.meta().await?;
-                if let (Some(submitted_ms), Some(t)) = (meta.result.as_i64(), date_done.as_deref().and_then(celeriac::protocol::time::parse_iso)) {
+                if let (Some(submitted_ms), Some(t)) =
+                    (meta.result.as_i64(), date_done.as_deref().and_then(celeriac::protocol::time::parse_iso))
+                {
                     e2e_ms.push((t.timestamp_millis() - submitted_ms) as f64);
                 }
                 if saga::rollback(&app, first).await?.is_some() {
@@ -312,12 +323,18 @@ async fn main() -> anyhow::Result<()> {
     row("orders submitted", args.orders.to_string());
     row("orders done", done.to_string());
     row("orders compensated (rolled back)", compensated.to_string());
-    row("  refunds / inventory releases", format!("{} / {}", REFUNDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)));
+    row(
+        "  refunds / inventory releases",
+        format!("{} / {}", REFUNDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)),
+    );
     row("retries (all steps)", summary_counts.retried.to_string());
     row("dead-lettered", dead.len().to_string());
     row("error reports", reported.to_string());
     row("tasks run", summary_counts.processed.to_string());
-    row("hand-off p50 / p99 (ms)", format!("{:.2} / {:.2}", percentile(&handoff_ms, 0.5), percentile(&handoff_ms, 0.99)));
+    row(
+        "hand-off p50 / p99 (ms)",
+        format!("{:.2} / {:.2}", percentile(&handoff_ms, 0.5), percentile(&handoff_ms, 0.99)),
+    );
     row("end-to-end p50 (ms)", format!("{:.0}", percentile(&e2e_ms, 0.5)));
     row("end-to-end p99 (ms)", format!("{:.0}", percentile(&e2e_ms, 0.99)));
     row("wall time (s)", format!("{:.1}", wall.as_secs_f64()));

@@ -199,7 +199,10 @@ async fn main() -> anyhow::Result<()> {
         problems.push(format!("expected {expected_retries} retries, counted {}", summary.retried));
     }
     if summary.succeeded != done || summary.failed != failed {
-        problems.push(format!("worker counted {} succeeded / {} failed, backend has {done} / {failed}", summary.succeeded, summary.failed));
+        problems.push(format!(
+            "worker counted {} succeeded / {} failed, backend has {done} / {failed}",
+            summary.succeeded, summary.failed
+        ));
     }
     let doomed_id = ids.iter().find(|(o, _)| *o == DOOMED).map(|(_, r)| r.id().to_owned());
     if dead.len() != 1 || dead[0].task_id != doomed_id {

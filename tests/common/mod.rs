@@ -1,6 +1,5 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code, missing_docs)]
-
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use celeriac::{App, AppBuilder, Shutdown, Worker, WorkerOptions};

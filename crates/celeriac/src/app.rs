@@ -86,7 +86,12 @@ impl App {
     }
 
     /// Sends a task by name (it need not be registered here: a Python worker may run it).
-    pub async fn send_task(&self, name: &str, args: Vec<serde_json::Value>, kwargs: serde_json::Map<String, serde_json::Value>) -> Result<AsyncResult, Error> {
+    pub async fn send_task(
+        &self,
+        name: &str,
+        args: Vec<serde_json::Value>,
+        kwargs: serde_json::Map<String, serde_json::Value>,
+    ) -> Result<AsyncResult, Error> {
         let mut sig = Signature::new(name, args);
         sig.kwargs = kwargs;
         self.send_signature(sig).await
@@ -101,9 +106,9 @@ impl App {
     /// The members of the group `group_id` sent from here (or by a worker of this backend).
     pub async fn group_result(&self, group_id: &str) -> Result<Option<crate::GroupResult>, Error> {
         let record = self.backend().get_record(&format!("group:{group_id}")).await?;
-        Ok(record.and_then(|v| serde_json::from_value::<Vec<String>>(v).ok()).map(|ids| {
-            crate::GroupResult::new(group_id, ids.into_iter().map(|id| self.async_result(id)).collect())
-        }))
+        Ok(record
+            .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
+            .map(|ids| crate::GroupResult::new(group_id, ids.into_iter().map(|id| self.async_result(id)).collect())))
     }
 
     /// The workflow sent under `id` (its result id or first task id) as a tree with states.
@@ -213,7 +218,14 @@ impl AppBuilder {
         };
         let host = hostname();
         Ok(App {
-            inner: Arc::new(Inner { config, broker, backend, tasks, reporters: self.reporters, origin: format!("gen{}@{host}", std::process::id()) }),
+            inner: Arc::new(Inner {
+                config,
+                broker,
+                backend,
+                tasks,
+                reporters: self.reporters,
+                origin: format!("gen{}@{host}", std::process::id()),
+            }),
         })
     }
 }
@@ -223,6 +235,8 @@ pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()).filter(|h| !h.is_empty()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname").ok().map(|s| s.trim().to_owned()).filter(|h| !h.is_empty())
+        })
         .unwrap_or_else(|| "localhost".to_owned())
 }

@@ -143,7 +143,17 @@ impl Config {
             _ => Vec::new(),
         }
         .into_iter()
-        .chain(["result_backend", "result_expires", "task_time_limit", "task_soft_time_limit", "task_default_priority", "worker_concurrency"].map(str::to_owned))
+        .chain(
+            [
+                "result_backend",
+                "result_expires",
+                "task_time_limit",
+                "task_soft_time_limit",
+                "task_default_priority",
+                "worker_concurrency",
+            ]
+            .map(str::to_owned),
+        )
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect()
@@ -165,14 +175,15 @@ impl Config {
 
     /// Merges a TOML file's settings.
     pub fn merge_file(&mut self, path: &Path) -> Result<(), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File { path: path.to_owned(), problem: e.to_string() })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::File { path: path.to_owned(), problem: e.to_string() })?;
         self.merge_toml(&text, &path.display().to_string())
     }
 
     /// Merges settings from TOML text; `source_name` appears in errors.
     pub fn merge_toml(&mut self, text: &str, source_name: &str) -> Result<(), ConfigError> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|e| ConfigError::File { path: PathBuf::from(source_name), problem: e.to_string() })?;
+        let table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::File { path: PathBuf::from(source_name), problem: e.to_string() })?;
         for (key, value) in table {
             self.set_value(&key, value, source_name)?;
         }
@@ -211,18 +222,25 @@ impl Config {
             _ => toml::Table::new(),
         };
         table.insert(key.to_owned(), value.clone());
-        let updated: Config = toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
-            key: key.to_owned(),
-            source_name: source_name.to_owned(),
-            problem: format!("{value} does not fit: {}", e.message()),
-        })?;
+        let updated: Config =
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
+                key: key.to_owned(),
+                source_name: source_name.to_owned(),
+                problem: format!("{value} does not fit: {}", e.message()),
+            })?;
         updated.validate(key, source_name)?;
         *self = updated;
         Ok(())
     }
 
     fn validate(&self, key: &str, source_name: &str) -> Result<(), ConfigError> {
-        let bad = |problem: &str| Err(ConfigError::BadValue { key: key.to_owned(), source_name: source_name.to_owned(), problem: problem.to_owned() });
+        let bad = |problem: &str| {
+            Err(ConfigError::BadValue {
+                key: key.to_owned(),
+                source_name: source_name.to_owned(),
+                problem: problem.to_owned(),
+            })
+        };
         match key {
             "task_serializer" if self.task_serializer != "json" => bad("only \"json\" is supported"),
             "accept_content" if self.accept_content.iter().any(|c| c != "json" && c != "application/json") => {

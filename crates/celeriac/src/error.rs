@@ -32,7 +32,9 @@ pub enum Error {
         suggestion: Option<String>,
     },
     /// `AsyncResult::get` waited longer than its timeout.
-    #[error("timed out after {waited:?} waiting for the result of task {task_id} (state {state}); is a worker consuming its queue?")]
+    #[error(
+        "timed out after {waited:?} waiting for the result of task {task_id} (state {state}); is a worker consuming its queue?"
+    )]
     Timeout {
         /// Task id.
         task_id: String,

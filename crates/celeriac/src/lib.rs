@@ -36,12 +36,12 @@ pub mod canvas;
 pub mod cli;
 pub mod config;
 mod error;
-#[cfg(feature = "sqlite")]
-mod sqlite_common;
 pub mod protocol;
 pub mod reporter;
 pub mod result;
 pub mod retry;
+#[cfg(feature = "sqlite")]
+mod sqlite_common;
 pub mod task;
 pub mod worker;
 
@@ -74,7 +74,13 @@ pub mod __private {
 
     /// Encodes a return value.
     pub fn encode<T: serde::Serialize>(task: &str, value: T) -> Result<serde_json::Value, crate::TaskError> {
-        serde_json::to_value(value).map_err(|e| crate::TaskError::python("builtins", "TypeError", format!("task {task}: cannot encode the return value: {e}")))
+        serde_json::to_value(value).map_err(|e| {
+            crate::TaskError::python(
+                "builtins",
+                "TypeError",
+                format!("task {task}: cannot encode the return value: {e}"),
+            )
+        })
     }
 
     /// Encodes one argument for a signature (a value that cannot be JSON becomes `null`).

@@ -1,9 +1,9 @@
 //! Reading results: [`AsyncResult`] for one task, [`GroupResult`] for several. `get` always
 //! has a timeout and fails with a clear error instead of hanging.
 
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{ResultMeta, State};
-use crate::Error;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 
@@ -79,13 +79,16 @@ impl AsyncResult {
 /// The value of a ready record, or its error.
 pub(crate) fn into_value<T: DeserializeOwned>(meta: ResultMeta) -> Result<T, Error> {
     match meta.status {
-        State::Success => serde_json::from_value(meta.result.clone()).map_err(|source| Error::Decode { task_id: meta.task_id, source }),
+        State::Success => serde_json::from_value(meta.result.clone())
+            .map_err(|source| Error::Decode { task_id: meta.task_id, source }),
         State::Revoked => Err(Error::Revoked {
             exc: meta.exception_info().unwrap_or_else(|| crate::protocol::ExceptionInfo::revoked("revoked")),
             task_id: meta.task_id,
         }),
         _ => Err(Error::TaskFailed {
-            exc: meta.exception_info().unwrap_or_else(|| crate::protocol::ExceptionInfo::new("Exception", meta.result.to_string(), "builtins")),
+            exc: meta.exception_info().unwrap_or_else(|| {
+                crate::protocol::ExceptionInfo::new("Exception", meta.result.to_string(), "builtins")
+            }),
             traceback: meta.traceback,
             task_id: meta.task_id,
         }),

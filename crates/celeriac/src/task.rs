@@ -110,7 +110,11 @@ pub struct Request {
 
 impl fmt::Debug for Request {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Request").field("id", &self.id).field("task", &self.task).field("retries", &self.retries).finish_non_exhaustive()
+        f.debug_struct("Request")
+            .field("id", &self.id)
+            .field("task", &self.task)
+            .field("retries", &self.retries)
+            .finish_non_exhaustive()
     }
 }
 

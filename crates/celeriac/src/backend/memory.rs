@@ -99,7 +99,12 @@ impl ResultBackend for MemoryBackend {
         Ok(Some(parts))
     }
 
-    async fn put_record(&self, key: &str, value: &serde_json::Value, _expires: Option<Duration>) -> Result<(), BackendError> {
+    async fn put_record(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        _expires: Option<Duration>,
+    ) -> Result<(), BackendError> {
         lock(&self.kv).insert(key.to_owned(), value.clone());
         Ok(())
     }

@@ -102,7 +102,12 @@ pub trait ResultBackend: Send + Sync + 'static {
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError>;
 
     /// Stores a JSON record under `key` (workflow trees, rollback records, saved groups).
-    async fn put_record(&self, key: &str, value: &serde_json::Value, expires: Option<Duration>) -> Result<(), BackendError>;
+    async fn put_record(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        expires: Option<Duration>,
+    ) -> Result<(), BackendError>;
 
     /// The JSON record under `key`.
     async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError>;

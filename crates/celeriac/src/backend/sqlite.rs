@@ -3,8 +3,8 @@
 //! result.
 
 use super::{BackendError, ChordPart, ResultBackend, StoreOutcome};
-use crate::protocol::State;
 use crate::protocol::ResultMeta;
+use crate::protocol::State;
 use crate::sqlite_common::{now_millis, open, path_of};
 use async_trait::async_trait;
 use sqlx::{Row, SqlitePool};
@@ -89,21 +89,28 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
-        let row = sqlx::query("SELECT meta FROM celeriac_results WHERE task_id = ? AND (expires_at IS NULL OR expires_at > ?)")
-            .bind(task_id)
-            .bind(now_millis())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err("get"))?;
+        let row = sqlx::query(
+            "SELECT meta FROM celeriac_results WHERE task_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(task_id)
+        .bind(now_millis())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err("get"))?;
         row.map(|r| {
             let bytes: Vec<u8> = r.get("meta");
-            ResultMeta::from_wire(&bytes).map_err(|source| BackendError::Corrupt { task_id: task_id.to_owned(), source })
+            ResultMeta::from_wire(&bytes)
+                .map_err(|source| BackendError::Corrupt { task_id: task_id.to_owned(), source })
         })
         .transpose()
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
-        sqlx::query("DELETE FROM celeriac_results WHERE task_id = ?").bind(task_id).execute(&self.pool).await.map_err(err("forget"))?;
+        sqlx::query("DELETE FROM celeriac_results WHERE task_id = ?")
+            .bind(task_id)
+            .execute(&self.pool)
+            .await
+            .map_err(err("forget"))?;
         Ok(())
     }
 
@@ -157,11 +164,13 @@ impl ResultBackend for SqliteBackend {
         .await
         .map_err(err("chord part"))?;
         let parts = if fired.rows_affected() == 1 {
-            let rows = sqlx::query("SELECT task_id, idx, state, result FROM celeriac_chord_parts WHERE group_id = ? ORDER BY idx")
-                .bind(group_id)
-                .fetch_all(&mut *tx)
-                .await
-                .map_err(err("chord part"))?;
+            let rows = sqlx::query(
+                "SELECT task_id, idx, state, result FROM celeriac_chord_parts WHERE group_id = ? ORDER BY idx",
+            )
+            .bind(group_id)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(err("chord part"))?;
             Some(
                 rows.iter()
                     .map(|r| ChordPart {
@@ -179,7 +188,12 @@ impl ResultBackend for SqliteBackend {
         Ok(parts)
     }
 
-    async fn put_record(&self, key: &str, value: &serde_json::Value, expires: Option<Duration>) -> Result<(), BackendError> {
+    async fn put_record(
+        &self,
+        key: &str,
+        value: &serde_json::Value,
+        expires: Option<Duration>,
+    ) -> Result<(), BackendError> {
         sqlx::query("INSERT INTO celeriac_records (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at")
             .bind(key)
             .bind(serde_json::to_vec(value).unwrap_or_default())
@@ -191,12 +205,13 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError> {
-        let row = sqlx::query("SELECT value FROM celeriac_records WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)")
-            .bind(key)
-            .bind(now_millis())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err("get record"))?;
+        let row =
+            sqlx::query("SELECT value FROM celeriac_records WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)")
+                .bind(key)
+                .bind(now_millis())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err("get record"))?;
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("value")).ok()))
     }
 

@@ -76,7 +76,12 @@ impl MemoryBroker {
                 e.lease_token = Some(token);
                 e.visible_at = lease_until;
                 e.delivery_count += 1;
-                out.push(Delivery { tag: format!("{id}:{token}"), queue: e.queue.clone(), payload: e.payload.clone(), delivery_count: e.delivery_count });
+                out.push(Delivery {
+                    tag: format!("{id}:{token}"),
+                    queue: e.queue.clone(),
+                    payload: e.payload.clone(),
+                    delivery_count: e.delivery_count,
+                });
             }
         }
         out
@@ -101,7 +106,13 @@ impl Broker for MemoryBroker {
         self.lease
     }
 
-    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError> {
+    async fn publish_raw(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        priority: u8,
+        visible_at: DateTime<Utc>,
+    ) -> Result<(), BrokerError> {
         {
             let mut state = self.lock();
             state.next_id += 1;
@@ -218,7 +229,9 @@ impl Broker for MemoryBroker {
         let state = self.lock();
         let mut by_queue: BTreeMap<String, QueueStats> = BTreeMap::new();
         for e in state.messages.values() {
-            let s = by_queue.entry(e.queue.clone()).or_insert_with(|| QueueStats { queue: e.queue.clone(), ..Default::default() });
+            let s = by_queue
+                .entry(e.queue.clone())
+                .or_insert_with(|| QueueStats { queue: e.queue.clone(), ..Default::default() });
             if e.lease_token.is_some() && e.visible_at > now {
                 s.leased += 1;
             } else if e.visible_at > now {

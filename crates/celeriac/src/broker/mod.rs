@@ -119,7 +119,13 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Queues envelope bytes on `queue` with `priority`, visible at `visible_at`. The bytes
     /// are stored as given: this is how foreign or replayed messages enter.
-    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError>;
+    async fn publish_raw(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        priority: u8,
+        visible_at: DateTime<Utc>,
+    ) -> Result<(), BrokerError>;
 
     /// Queues `message` on `queue`, visible at its ETA (now when none).
     async fn publish(&self, queue: &str, message: &Message) -> Result<(), BrokerError> {
@@ -180,7 +186,10 @@ pub async fn from_url(url: &str, config: &crate::Config) -> Result<Arc<dyn Broke
         return Ok(Arc::new(sqlite::SqliteBroker::connect(url, config).await?));
     }
     let _ = config;
-    Err(BrokerError::UnsupportedUrl { url: redact(url), hint: "use sqlite://path.db (the default) or memory://".to_owned() })
+    Err(BrokerError::UnsupportedUrl {
+        url: redact(url),
+        hint: "use sqlite://path.db (the default) or memory://".to_owned(),
+    })
 }
 
 /// `scheme://user:password@host` → `scheme://user:***@host`.
@@ -243,7 +252,8 @@ pub enum ReplayError {
 /// removes it from the dead-letter queue. Returns the task id.
 pub async fn replay_dead_letter(broker: &dyn Broker, id: &str) -> Result<String, ReplayError> {
     let dead = broker.dead_letter_by_id(id).await?.ok_or_else(|| ReplayError::NotFound(id.to_owned()))?;
-    let mut message = Message::from_wire(&dead.payload).map_err(|e| ReplayError::Undecodable { id: id.to_owned(), problem: e.to_string() })?;
+    let mut message = Message::from_wire(&dead.payload)
+        .map_err(|e| ReplayError::Undecodable { id: id.to_owned(), problem: e.to_string() })?;
     message.headers.retries = 0;
     message.headers.eta = None;
     message.properties.delivery_tag = Some(uuid::Uuid::new_v4().to_string());

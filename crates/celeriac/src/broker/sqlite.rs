@@ -66,7 +66,9 @@ impl SqliteBroker {
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
-        let secs = |name: &str, default: f64| Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001));
+        let secs = |name: &str, default: f64| {
+            Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
+        };
         Ok(SqliteBroker {
             pool,
             url: format!("sqlite://{}", path_of(url)),
@@ -99,7 +101,15 @@ impl SqliteBroker {
             .into_iter()
             .map(|r| {
                 let id: i64 = r.get("id");
-                (id, Delivery { tag: format!("{id}:{token}"), queue: r.get("queue"), payload: r.get("payload"), delivery_count: r.get::<i64, _>("delivery_count") as u32 })
+                (
+                    id,
+                    Delivery {
+                        tag: format!("{id}:{token}"),
+                        queue: r.get("queue"),
+                        payload: r.get("payload"),
+                        delivery_count: r.get::<i64, _>("delivery_count") as u32,
+                    },
+                )
             })
             .collect();
         out.sort_by_key(|(id, _)| *id);
@@ -129,16 +139,24 @@ impl Broker for SqliteBroker {
         self.lease
     }
 
-    async fn publish_raw(&self, queue: &str, payload: &[u8], priority: u8, visible_at: DateTime<Utc>) -> Result<(), BrokerError> {
-        sqlx::query("INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(queue)
-            .bind(i64::from(priority))
-            .bind(payload)
-            .bind(millis(visible_at))
-            .bind(now_millis())
-            .execute(&self.pool)
-            .await
-            .map_err(err("publish"))?;
+    async fn publish_raw(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        priority: u8,
+        visible_at: DateTime<Utc>,
+    ) -> Result<(), BrokerError> {
+        sqlx::query(
+            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(queue)
+        .bind(i64::from(priority))
+        .bind(payload)
+        .bind(millis(visible_at))
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await
+        .map_err(err("publish"))?;
         self.published.notify_waiters();
         Ok(())
     }
@@ -199,15 +217,17 @@ impl Broker for SqliteBroker {
     async fn republish(&self, delivery: &Delivery, queue: &str, message: &Message) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
         let mut tx = self.pool.begin().await.map_err(err("republish"))?;
-        sqlx::query("INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(queue)
-            .bind(i64::from(message.properties.priority))
-            .bind(message.to_wire())
-            .bind(millis(visible_at(message)))
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(err("republish"))?;
+        sqlx::query(
+            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(queue)
+        .bind(i64::from(message.properties.priority))
+        .bind(message.to_wire())
+        .bind(millis(visible_at(message)))
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("republish"))?;
         sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
             .bind(id)
             .bind(token)
@@ -272,7 +292,10 @@ impl Broker for SqliteBroker {
     }
 
     async fn purge_dead_letters(&self) -> Result<u64, BrokerError> {
-        let done = sqlx::query("DELETE FROM celeriac_dead_letters").execute(&self.pool).await.map_err(err("purge dead letters"))?;
+        let done = sqlx::query("DELETE FROM celeriac_dead_letters")
+            .execute(&self.pool)
+            .await
+            .map_err(err("purge dead letters"))?;
         Ok(done.rows_affected())
     }
 

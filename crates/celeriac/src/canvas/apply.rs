@@ -108,7 +108,10 @@ fn set_on_final(sig: &mut Signature, key: &str, value: Value) -> Result<(), Erro
             set_members(sig, "tasks", &steps);
             Ok(())
         }
-        _ => Err(canvas_error(sig, "a group or chord cannot be a member of a group or chord header here; wrap it in a chain with a final task")),
+        _ => Err(canvas_error(
+            sig,
+            "a group or chord cannot be a member of a group or chord header here; wrap it in a chain with a final task",
+        )),
     }
 }
 
@@ -196,7 +199,12 @@ fn attach_rest(sig: &mut Signature, rest: Vec<Signature>) -> Result<(), Error> {
 }
 
 /// Applies `sig` with `prepend` added in front of its entry tasks' arguments.
-pub(crate) fn apply<'a>(app: &'a App, mut sig: Signature, prepend: Option<Value>, lineage: &'a Lineage) -> BoxFuture<'a, Result<AsyncResult, Error>> {
+pub(crate) fn apply<'a>(
+    app: &'a App,
+    mut sig: Signature,
+    prepend: Option<Value>,
+    lineage: &'a Lineage,
+) -> BoxFuture<'a, Result<AsyncResult, Error>> {
     Box::pin(async move {
         let result_id = freeze(&mut sig)?;
         match kind_of(&sig)? {
@@ -211,8 +219,15 @@ pub(crate) fn apply<'a>(app: &'a App, mut sig: Signature, prepend: Option<Value>
                 Ok(AsyncResult::new(result_id, app.clone()))
             }
             Kind::Group(members) => {
-                let ids: Vec<Value> = members.iter().filter_map(|m| m.task_id().map(|s| Value::String(s.to_owned()))).collect();
-                app.backend().put_record(&format!("group:{result_id}"), &Value::Array(ids), app.config().result_expires_duration()).await?;
+                let ids: Vec<Value> =
+                    members.iter().filter_map(|m| m.task_id().map(|s| Value::String(s.to_owned()))).collect();
+                app.backend()
+                    .put_record(
+                        &format!("group:{result_id}"),
+                        &Value::Array(ids),
+                        app.config().result_expires_duration(),
+                    )
+                    .await?;
                 for m in members {
                     apply(app, m, prepend.clone(), lineage).await?;
                 }
@@ -235,7 +250,12 @@ pub(crate) fn apply<'a>(app: &'a App, mut sig: Signature, prepend: Option<Value>
     })
 }
 
-async fn send_task(app: &App, mut sig: Signature, prepend: Option<Value>, lineage: &Lineage) -> Result<AsyncResult, Error> {
+async fn send_task(
+    app: &App,
+    mut sig: Signature,
+    prepend: Option<Value>,
+    lineage: &Lineage,
+) -> Result<AsyncResult, Error> {
     if let Some(v) = prepend.filter(|_| !sig.immutable) {
         sig.args.insert(0, v);
     }

@@ -103,7 +103,8 @@ async fn chord_part(call: &Call, state: State, result: Value) -> Option<String> 
     let embed = call.body.embed.as_ref()?;
     let body = embed.chord.clone()?;
     let group = call.request.group.clone()?;
-    let part = ChordPart { index: call.request.group_index.unwrap_or(0), task_id: call.request.id.clone(), state, result };
+    let part =
+        ChordPart { index: call.request.group_index.unwrap_or(0), task_id: call.request.id.clone(), state, result };
     let parts = match call.app.backend().chord_part_return(&group, part).await {
         Ok(Some(parts)) => parts,
         Ok(None) => return None,
@@ -114,11 +115,20 @@ async fn chord_part(call: &Call, state: State, result: Value) -> Option<String> 
     };
     let lineage = lineage(call, Default::default());
     if let Some(bad) = parts.iter().find(|p| p.state.propagates()) {
-        let cause = serde_json::from_value::<ExceptionInfo>(bad.result.clone()).map(|e| e.repr()).unwrap_or_else(|_| bad.result.to_string());
-        let exc = ExceptionInfo::new("ChordError", format!("Dependency {} raised {cause}", bad.task_id), CELERY_EXCEPTIONS);
+        let cause = serde_json::from_value::<ExceptionInfo>(bad.result.clone())
+            .map(|e| e.repr())
+            .unwrap_or_else(|_| bad.result.to_string());
+        let exc =
+            ExceptionInfo::new("ChordError", format!("Dependency {} raised {cause}", bad.task_id), CELERY_EXCEPTIONS);
         if let Some(id) = &super::primitives::result_id(&body) {
             store_failure(call, id, &exc, None).await;
-            for eb in body.options.get("link_error").and_then(|v| serde_json::from_value::<Vec<Signature>>(v.clone()).ok()).into_iter().flatten() {
+            for eb in body
+                .options
+                .get("link_error")
+                .and_then(|v| serde_json::from_value::<Vec<Signature>>(v.clone()).ok())
+                .into_iter()
+                .flatten()
+            {
                 send(call, eb, Some(Value::String(id.clone())), &lineage).await;
             }
         }

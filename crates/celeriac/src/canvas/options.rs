@@ -1,9 +1,9 @@
 //! Builder methods on [`Signature`] for `apply_async` options, with Celery's option names.
 
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{Signature, time};
 use crate::result::AsyncResult;
-use crate::Error;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
@@ -28,7 +28,7 @@ impl Signature {
 
     /// Run no earlier than `seconds` from now.
     pub fn countdown(self, seconds: f64) -> Self {
-        self.set("countdown", seconds)
+        self.set("countdown", seconds_value(seconds))
     }
 
     /// Run no earlier than `eta`.
@@ -38,7 +38,7 @@ impl Signature {
 
     /// Revoke instead of running if not started within `seconds`.
     pub fn expires_in(self, seconds: f64) -> Self {
-        self.set("expires", seconds)
+        self.set("expires", seconds_value(seconds))
     }
 
     /// Revoke instead of running if not started by `at`.
@@ -87,6 +87,11 @@ impl Signature {
     pub async fn delay(self, app: &App) -> Result<AsyncResult, Error> {
         self.apply_async(app).await
     }
+}
+
+/// Whole seconds as an integer (as Python writes `countdown=5`), others as a float.
+fn seconds_value(seconds: f64) -> Value {
+    if seconds.fract() == 0.0 && seconds.abs() < 1e15 { Value::from(seconds as i64) } else { Value::from(seconds) }
 }
 
 fn push_option(options: &mut Map<String, Value>, key: &str, sig: Signature) {

@@ -37,7 +37,8 @@ pub fn group(members: impl IntoIterator<Item = Signature>) -> Signature {
 pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Signature {
     let mut kwargs = Map::new();
     kwargs.insert("kwargs".into(), Value::Object(Map::new()));
-    kwargs.insert("header".into(), serde_json::to_value(group(header)).unwrap_or(Value::Null));
+    // Unfrozen, Celery keeps the header as a plain list; freezing makes it a group.
+    kwargs.insert("header".into(), list(header));
     kwargs.insert("body".into(), serde_json::to_value(body).unwrap_or(Value::Null));
     canvas("celery.chord", "chord", kwargs)
 }

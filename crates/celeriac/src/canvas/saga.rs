@@ -10,10 +10,10 @@
 //! Python workers ignore these headers: rollback needs Celeriac workers for the chain's steps.
 
 use super::apply::{Lineage, apply};
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{ExceptionInfo, ResultMeta, Signature, State, time};
 use crate::worker::Call;
-use crate::Error;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -110,7 +110,9 @@ pub(crate) fn pending_compensations(call: &Call) -> Vec<String> {
 /// Headers the steps after a successful call carry: the owed compensations, plus this step's.
 pub(crate) fn headers_after_success(call: &Call, value: &Value) -> Map<String, Value> {
     let mut list = owed(call);
-    if let Some(mut comp) = call.message.headers.extra.get(COMPENSATION).and_then(|v| serde_json::from_value::<Signature>(v.clone()).ok()) {
+    if let Some(mut comp) =
+        call.message.headers.extra.get(COMPENSATION).and_then(|v| serde_json::from_value::<Signature>(v.clone()).ok())
+    {
         if !comp.immutable {
             comp.args.insert(0, value.clone());
         }
@@ -196,7 +198,8 @@ async fn send_step(app: &App, record: &Rollback, index: usize) {
     sig.options.insert("task_id".into(), Value::String(step.task_id.clone()));
     let mut headers = Map::new();
     headers.insert(ROLLBACK.into(), serde_json::json!({"root_id": record.root_id, "index": index}));
-    let lineage = Lineage { parent_id: Some(record.failed_task_id.clone()), root_id: Some(record.root_id.clone()), headers };
+    let lineage =
+        Lineage { parent_id: Some(record.failed_task_id.clone()), root_id: Some(record.root_id.clone()), headers };
     if let Err(e) = apply(app, sig, None, &lineage).await {
         tracing::error!(root_id = %record.root_id, error = %e, "could not send compensation");
     }

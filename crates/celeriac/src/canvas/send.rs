@@ -1,10 +1,10 @@
 //! The client side of sending: a signature and its options become a protocol v2 message on the
 //! routed queue (or, with `task_always_eager`, an inline run).
 
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{Embed, Message, Signature, TaskBody, TaskHeaders, args_repr, py_repr, time};
 use crate::result::AsyncResult;
-use crate::Error;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
@@ -48,7 +48,9 @@ fn signatures(options: &Map<String, Value>, key: &str) -> Result<Option<Vec<Sign
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
             .map_err(|source| Error::Encode { task: key.to_owned(), source }),
-        Some(one) => serde_json::from_value(one.clone()).map(|s| Some(vec![s])).map_err(|source| Error::Encode { task: key.to_owned(), source }),
+        Some(one) => serde_json::from_value(one.clone())
+            .map(|s| Some(vec![s]))
+            .map_err(|source| Error::Encode { task: key.to_owned(), source }),
     }
 }
 

@@ -4,9 +4,9 @@
 
 use super::primitives::{Kind, kind, result_id};
 use super::saga::{Rollback, rollback};
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{Signature, State};
-use crate::Error;
 use futures::future::BoxFuture;
 use serde_json::Value;
 use std::fmt;
@@ -46,7 +46,6 @@ fn collect_groups(sig: &Signature, out: &mut Vec<(String, Vec<String>)>) {
         _ => {}
     }
 }
-
 
 fn first_task_id(sig: &Signature) -> Option<String> {
     match kind(sig).ok()? {
@@ -128,7 +127,9 @@ fn node<'a>(app: &'a App, sig: &'a Signature, label: Option<&'a str>) -> BoxFutu
                     n.done = meta.date_done.clone();
                     n.result = match meta.status {
                         State::Pending => None,
-                        State::Failure | State::Retry | State::Revoked => meta.exception_info().map(|e| format!("{}: {}", e.exc_type, e.message())),
+                        State::Failure | State::Retry | State::Revoked => {
+                            meta.exception_info().map(|e| format!("{}: {}", e.exc_type, e.message()))
+                        }
                         _ => Some(short(&meta.result)),
                     };
                     n.state = Some(meta.status);
@@ -148,7 +149,17 @@ fn node<'a>(app: &'a App, sig: &'a Signature, label: Option<&'a str>) -> BoxFutu
             }
             Kind::Chord { header, body } => {
                 n.name = "chord".into();
-                let mut h = WorkflowNode { name: "header".into(), id: n.id.clone(), state: None, retries: None, started: None, done: None, result: None, compensation: None, children: Vec::new() };
+                let mut h = WorkflowNode {
+                    name: "header".into(),
+                    id: n.id.clone(),
+                    state: None,
+                    retries: None,
+                    started: None,
+                    done: None,
+                    result: None,
+                    compensation: None,
+                    children: Vec::new(),
+                };
                 for m in &header {
                     h.children.push(node(app, m, None).await?);
                 }
@@ -165,7 +176,13 @@ fn node<'a>(app: &'a App, sig: &'a Signature, label: Option<&'a str>) -> BoxFutu
 impl fmt::Display for Workflow {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fn line(f: &mut fmt::Formatter<'_>, n: &WorkflowNode, prefix: &str, last: bool, top: bool) -> fmt::Result {
-            let branch = if top { "" } else if last { "└─ " } else { "├─ " };
+            let branch = if top {
+                ""
+            } else if last {
+                "└─ "
+            } else {
+                "├─ "
+            };
             write!(f, "{prefix}{branch}{}", n.name)?;
             if let Some(state) = &n.state {
                 write!(f, "  [{state}]")?;
@@ -186,7 +203,8 @@ impl fmt::Display for Workflow {
                 write!(f, "  (undo: {c})")?;
             }
             writeln!(f)?;
-            let child_prefix = if top { prefix.to_owned() } else { format!("{prefix}{}", if last { "   " } else { "│  " }) };
+            let child_prefix =
+                if top { prefix.to_owned() } else { format!("{prefix}{}", if last { "   " } else { "│  " }) };
             for (i, c) in n.children.iter().enumerate() {
                 line(f, c, &child_prefix, i + 1 == n.children.len(), false)?;
             }

@@ -30,7 +30,10 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
                 print!("{w}");
                 Ok(ExitCode::SUCCESS)
             }
-            None => Err(format!("no workflow recorded under {id:?} (workflows are recorded when a chain, group or chord is sent)").into()),
+            None => Err(format!(
+                "no workflow recorded under {id:?} (workflows are recorded when a chain, group or chord is sent)"
+            )
+            .into()),
         },
         Command::Purge { queue } => {
             let queue = queue.unwrap_or_else(|| app.config().task_default_queue.clone());
@@ -60,7 +63,9 @@ async fn worker(app: &App, args: WorkerArgs) -> Result<ExitCode, Failure> {
         o.hostname = h;
     }
     if app.task_names().is_empty() {
-        tracing::warn!("this worker has no tasks registered: every message will be dead-lettered as unknown. Build a worker binary with celeriac::cli::main(App::builder().task(...))");
+        tracing::warn!(
+            "this worker has no tasks registered: every message will be dead-lettered as unknown. Build a worker binary with celeriac::cli::main(App::builder().task(...))"
+        );
     }
     let summary = worker.run_until_signal().await;
     println!(
@@ -141,7 +146,15 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
         }
         DlqAction::Show { id } => {
             let d = broker.dead_letter_by_id(&id).await?.ok_or_else(|| format!("no dead letter with id {id:?}"))?;
-            println!("id:       {}\nqueue:    {}\ntask id:  {}\ntask:     {}\nreason:   {}\nat:       {}", d.id, d.queue, d.task_id.as_deref().unwrap_or("-"), d.task_name.as_deref().unwrap_or("-"), d.reason, d.created_at);
+            println!(
+                "id:       {}\nqueue:    {}\ntask id:  {}\ntask:     {}\nreason:   {}\nat:       {}",
+                d.id,
+                d.queue,
+                d.task_id.as_deref().unwrap_or("-"),
+                d.task_name.as_deref().unwrap_or("-"),
+                d.reason,
+                d.created_at
+            );
             match Message::from_wire(&d.payload) {
                 Ok(m) => {
                     let body = m.task_body().map(|b: TaskBody| serde_json::json!({"args": b.args, "kwargs": b.kwargs}));
@@ -155,12 +168,15 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
             }
         }
         DlqAction::Replay { ids, all } => {
-            let ids = if all { broker.dead_letters(usize::MAX >> 1).await?.into_iter().map(|d| d.id).collect() } else { ids };
+            let ids =
+                if all { broker.dead_letters(usize::MAX >> 1).await?.into_iter().map(|d| d.id).collect() } else { ids };
             if ids.is_empty() {
                 return Err("nothing to replay: give dead-letter ids or --all".into());
             }
-            let bar = ProgressBar::new(ids.len() as u64)
-                .with_style(ProgressStyle::with_template("replaying {bar:30} {pos}/{len} {msg}").unwrap_or_else(|_| ProgressStyle::default_bar()));
+            let bar = ProgressBar::new(ids.len() as u64).with_style(
+                ProgressStyle::with_template("replaying {bar:30} {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
             let mut failed = 0;
             for id in ids {
                 match replay_dead_letter(broker.as_ref(), &id).await {

@@ -28,7 +28,13 @@ impl Backoff {
 }
 
 /// The countdown for `retries` previous retries; with `full_jitter`, drawn from `rng`.
-pub fn exponential_backoff_interval(factor: u64, retries: u32, maximum: u64, full_jitter: bool, rng: &mut impl Rng) -> u64 {
+pub fn exponential_backoff_interval(
+    factor: u64,
+    retries: u32,
+    maximum: u64,
+    full_jitter: bool,
+    rng: &mut impl Rng,
+) -> u64 {
     let growth = 1u64.checked_shl(retries).unwrap_or(u64::MAX);
     let countdown = factor.saturating_mul(growth).min(maximum);
     if full_jitter { rng.random_range(0..=countdown) } else { countdown }

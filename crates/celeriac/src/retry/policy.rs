@@ -58,7 +58,12 @@ impl RetryPolicy {
     }
 
     /// Decision for an explicit retry request (`TaskError::Retry`) after `retries` retries.
-    pub fn on_retry_request(&self, countdown: Option<f64>, retries: u32, max_retries: Option<Option<u32>>) -> RetryDecision {
+    pub fn on_retry_request(
+        &self,
+        countdown: Option<f64>,
+        retries: u32,
+        max_retries: Option<Option<u32>>,
+    ) -> RetryDecision {
         let max = max_retries.unwrap_or(self.max_retries);
         match max {
             Some(max) if retries + 1 > max => RetryDecision::MaxRetriesExceeded,
@@ -86,7 +91,11 @@ mod tests {
 
     #[test]
     fn budget_is_max_retries_then_failure() {
-        let p = RetryPolicy { autoretry_for: vec!["E".into()], backoff: Some(Backoff { factor: 2, maximum: 600, jitter: false }), ..Default::default() };
+        let p = RetryPolicy {
+            autoretry_for: vec!["E".into()],
+            backoff: Some(Backoff { factor: 2, maximum: 600, jitter: false }),
+            ..Default::default()
+        };
         assert_eq!(p.on_error(&exc("E"), 0), RetryDecision::Retry { countdown: 2.0 });
         assert_eq!(p.on_error(&exc("E"), 2), RetryDecision::Retry { countdown: 8.0 });
         assert_eq!(p.on_error(&exc("E"), 3), RetryDecision::MaxRetriesExceeded);

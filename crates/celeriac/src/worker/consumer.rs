@@ -242,7 +242,15 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         }
     }
     let request = executor::request(app, &message, &body, &ctx.options.hostname, d.redelivered(), false);
-    let call = Call { app: app.clone(), task: task.clone(), message, body, request: request.clone(), effective, started_at: Utc::now() };
+    let call = Call {
+        app: app.clone(),
+        task: task.clone(),
+        message,
+        body,
+        request: request.clone(),
+        effective,
+        started_at: Utc::now(),
+    };
     if call.effective.track_started {
         call.started().await;
     }
@@ -308,7 +316,9 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
                 let _ = broker.publish(call.message.queue(), &call.message).await;
             }
         }
-        Decision::Reject { requeue: false, reason } => dead_letter(ctx, d, &format!("rejected by the task: {reason}")).await,
+        Decision::Reject { requeue: false, reason } => {
+            dead_letter(ctx, d, &format!("rejected by the task: {reason}")).await
+        }
         Decision::Ignore => {
             if late {
                 let _ = broker.ack(d).await;

@@ -4,17 +4,20 @@
 
 use super::executor::{self, Decision, Effective};
 use super::outcome::Call;
+use crate::Error;
 use crate::app::App;
 use crate::protocol::{ExceptionInfo, Message};
 use crate::result::AsyncResult;
-use crate::Error;
 
 /// Runs `message` inline; returns its result handle (or the failure with
 /// `task_eager_propagates`).
 pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, Error> {
     let id = message.headers.id.clone();
     let name = message.headers.task.clone();
-    let task = app.task(&name).cloned().ok_or_else(|| Error::NotRegistered { suggestion: app.suggest_task(&name), name: name.clone() })?;
+    let task = app
+        .task(&name)
+        .cloned()
+        .ok_or_else(|| Error::NotRegistered { suggestion: app.suggest_task(&name), name: name.clone() })?;
     let body = message.task_body()?;
     loop {
         let effective = Effective::new(app, task.as_ref(), &message);
@@ -43,7 +46,9 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
             }
             Decision::Failure { exc, traceback, .. } => Some((exc, traceback)),
             Decision::BadArguments(e) => Some((ExceptionInfo::type_error(e.to_string()), None)),
-            Decision::Reject { reason, .. } => Some((ExceptionInfo::new("Reject", reason, crate::protocol::CELERY_EXCEPTIONS), None)),
+            Decision::Reject { reason, .. } => {
+                Some((ExceptionInfo::new("Reject", reason, crate::protocol::CELERY_EXCEPTIONS), None))
+            }
             Decision::Ignore => None,
         };
         if let Some((exc, traceback)) = failure {

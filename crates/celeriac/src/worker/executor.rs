@@ -60,7 +60,14 @@ impl Effective {
 }
 
 /// The request context for `message`.
-pub(crate) fn request(app: &App, message: &Message, body: &TaskBody, hostname: &str, redelivered: bool, is_eager: bool) -> Request {
+pub(crate) fn request(
+    app: &App,
+    message: &Message,
+    body: &TaskBody,
+    hostname: &str,
+    redelivered: bool,
+    is_eager: bool,
+) -> Request {
     let h = &message.headers;
     Request {
         id: h.id.clone(),
@@ -143,7 +150,12 @@ fn panic_message(e: tokio::task::JoinError) -> String {
 }
 
 /// Applies Celery's retry rules to a task's result.
-pub(crate) fn decide(result: Result<Value, TaskError>, retries: u32, options: &TaskOptions, _soft_hit: Option<f64>) -> Decision {
+pub(crate) fn decide(
+    result: Result<Value, TaskError>,
+    retries: u32,
+    options: &TaskOptions,
+    _soft_hit: Option<f64>,
+) -> Decision {
     let policy = &options.retry;
     let now = Utc::now();
     let after = |countdown: f64| now + chrono::Duration::milliseconds((countdown * 1000.0) as i64);
@@ -158,7 +170,9 @@ pub(crate) fn decide(result: Result<Value, TaskError>, retries: u32, options: &T
             RetryDecision::MaxRetriesExceeded => max_exceeded(Some(&exc), traceback),
         },
         Err(TaskError::Retry(r)) => match policy.on_retry_request(r.countdown, retries, r.max_retries) {
-            RetryDecision::Retry { countdown } => Decision::Retry { eta: r.eta.unwrap_or_else(|| after(countdown)), exc: r.exc },
+            RetryDecision::Retry { countdown } => {
+                Decision::Retry { eta: r.eta.unwrap_or_else(|| after(countdown)), exc: r.exc }
+            }
             _ => max_exceeded(r.exc.as_ref(), None),
         },
     }
@@ -189,7 +203,12 @@ mod tests {
 
     fn opts(max: Option<u32>) -> TaskOptions {
         TaskOptions {
-            retry: RetryPolicy { max_retries: max, autoretry_for: vec!["Flaky".into()], backoff: Some(Backoff { factor: 1, maximum: 600, jitter: false }), ..Default::default() },
+            retry: RetryPolicy {
+                max_retries: max,
+                autoretry_for: vec!["Flaky".into()],
+                backoff: Some(Backoff { factor: 1, maximum: 600, jitter: false }),
+                ..Default::default()
+            },
             ..Default::default()
         }
     }
@@ -199,7 +218,9 @@ mod tests {
         let flaky = || Err(TaskError::new("Flaky", "503"));
         assert!(matches!(decide(flaky(), 0, &opts(Some(2)), None), Decision::Retry { .. }));
         assert!(matches!(decide(flaky(), 1, &opts(Some(2)), None), Decision::Retry { .. }));
-        let Decision::Failure { exc, .. } = name_failure(decide(flaky(), 2, &opts(Some(2)), None), "t.x", "id1") else { panic!() };
+        let Decision::Failure { exc, .. } = name_failure(decide(flaky(), 2, &opts(Some(2)), None), "t.x", "id1") else {
+            panic!()
+        };
         assert_eq!(exc.exc_type, "MaxRetriesExceededError");
         assert!(exc.message().starts_with("Can't retry t.x[id1]"), "{}", exc.message());
         assert_eq!(exc.exc_message[1]["exc_type"], "Flaky", "carries the last error");
@@ -209,10 +230,17 @@ mod tests {
     #[test]
     fn explicit_retry_uses_its_countdown_and_eta() {
         let before = Utc::now();
-        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().countdown(60.0).into()), 0, &opts(Some(3)), None) else { panic!() };
+        let Decision::Retry { eta, .. } =
+            decide(Err(TaskError::retry().countdown(60.0).into()), 0, &opts(Some(3)), None)
+        else {
+            panic!()
+        };
         assert!(eta >= before + chrono::Duration::seconds(59) && eta <= Utc::now() + chrono::Duration::seconds(61));
         let fixed = before + chrono::Duration::hours(1);
-        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().eta(fixed).into()), 0, &opts(Some(3)), None) else { panic!() };
+        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().eta(fixed).into()), 0, &opts(Some(3)), None)
+        else {
+            panic!()
+        };
         assert_eq!(eta, fixed);
         let unlimited = TaskError::retry().max_retries(None).into();
         assert!(matches!(decide(Err(unlimited), 99, &opts(Some(3)), None), Decision::Retry { .. }));

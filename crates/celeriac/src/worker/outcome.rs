@@ -69,7 +69,9 @@ impl Call {
         let mut meta = self.meta(State::Retry, result);
         meta.children = Some(vec![crate::protocol::result_tuple(&self.request.id)]);
         self.store(meta).await;
-        let cause = exc.cloned().unwrap_or_else(|| ExceptionInfo::new("Retry", "retry requested", crate::protocol::CELERY_EXCEPTIONS));
+        let cause = exc
+            .cloned()
+            .unwrap_or_else(|| ExceptionInfo::new("Retry", "retry requested", crate::protocol::CELERY_EXCEPTIONS));
         self.task.on_retry(&self.request, &cause);
         self.task.after_return(&self.request, &State::Retry, &Value::Null);
     }

@@ -16,7 +16,8 @@ impl RateLimit {
     /// Parses Celery's rate syntax.
     pub fn parse(text: &str) -> Result<RateLimit, String> {
         let (count, unit) = text.trim().split_once('/').unwrap_or((text.trim(), "s"));
-        let count: f64 = count.trim().parse().map_err(|_| format!("{text:?} is not a rate like \"10/s\", \"100/m\" or \"5/h\""))?;
+        let count: f64 =
+            count.trim().parse().map_err(|_| format!("{text:?} is not a rate like \"10/s\", \"100/m\" or \"5/h\""))?;
         let per = match unit.trim() {
             "s" | "" => 1.0,
             "m" => 60.0,
