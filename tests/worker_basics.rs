@@ -101,6 +101,13 @@ async fn sqlite_end_to_end() {
 }
 
 #[tokio::test]
+async fn redis_end_to_end() {
+    let Some(url) = redis_url(1).await else { return };
+    let app = tasks(App::builder()).broker_url(&url).build().await.unwrap();
+    exercise(&app).await;
+}
+
+#[tokio::test]
 async fn get_times_out_with_a_clear_error() {
     let app = memory_app(tasks(App::builder())).await;
     let r = add::delay(&app, 1, 2).await.unwrap();

@@ -6,6 +6,8 @@
 //! `memory`, `sqlite`.
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -142,8 +144,12 @@ pub async fn from_url(url: &str) -> Result<Arc<dyn ResultBackend>, BackendError>
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(sqlite::SqliteBackend::connect(url).await?));
     }
+    #[cfg(feature = "redis")]
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        return Ok(Arc::new(redis::RedisBackend::connect(url, None).await?));
+    }
     Err(BackendError::UnsupportedUrl {
         url: crate::broker::redact(url),
-        hint: "use sqlite://path.db (the default) or memory://".to_owned(),
+        hint: "use sqlite://path.db (the default), redis://host:port/db or memory://".to_owned(),
     })
 }

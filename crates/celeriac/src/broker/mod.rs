@@ -10,6 +10,8 @@
 //! One module per transport: `memory` (in process), `sqlite` (embedded default).
 
 pub mod memory;
+#[cfg(feature = "redis")]
+pub mod redis;
 #[cfg(feature = "sqlite")]
 pub mod sqlite;
 
@@ -185,10 +187,14 @@ pub async fn from_url(url: &str, config: &crate::Config) -> Result<Arc<dyn Broke
     if url.starts_with("sqlite:") {
         return Ok(Arc::new(sqlite::SqliteBroker::connect(url, config).await?));
     }
+    #[cfg(feature = "redis")]
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        return Ok(Arc::new(redis::RedisBroker::connect(url, config).await?));
+    }
     let _ = config;
     Err(BrokerError::UnsupportedUrl {
         url: redact(url),
-        hint: "use sqlite://path.db (the default) or memory://".to_owned(),
+        hint: "use sqlite://path.db (the default), redis://host:port/db or memory://".to_owned(),
     })
 }
 

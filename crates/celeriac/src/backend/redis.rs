@@ -1,0 +1,249 @@
+//! Redis result backend (`redis://host:port/db`) in Celery's layout (spec §5.1, §6.3):
+//! `celery-task-meta-<id>` written with `SETEX <result_expires>` and `PUBLISH`ed on the same
+//! name (a SUCCESS is never overwritten), chord counting in `celery-taskset-meta-<gid>.j`
+//! (members `[1, id, state, result]` by `group_index`) with the size in `.s`, and clients that
+//! wait by `SUBSCRIBE` + `GET` instead of polling.
+
+use super::{BackendError, ChordPart, ResultBackend, StoreOutcome};
+use crate::protocol::{ResultMeta, State, pyjson};
+use async_trait::async_trait;
+use futures::StreamExt;
+use redis::aio::ConnectionManager;
+use serde_json::Value;
+use std::time::Duration;
+
+/// Counts a chord member once (the `.d` set dedupes redeliveries) and returns every member to
+/// exactly one caller, the one that completes the chord (claimed through `.c`).
+const CHORD_PART: &str = r#"
+if redis.call('SADD', KEYS[2], ARGV[3]) == 1 then
+  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+end
+local size = tonumber(redis.call('GET', KEYS[3]) or '0')
+local extra = tonumber(redis.call('GET', KEYS[4]) or '0')
+if size == 0 or redis.call('ZCARD', KEYS[1]) < size + extra then return nil end
+if not redis.call('SET', KEYS[5], 'done', 'NX', 'EX', 300) then return nil end
+local parts = redis.call('ZRANGE', KEYS[1], 0, -1)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+return parts
+"#;
+
+/// The Redis result backend.
+pub struct RedisBackend {
+    client: redis::Client,
+    conn: ConnectionManager,
+    url: String,
+    prefix: String,
+    chord_part: redis::Script,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend").field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+fn err(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BackendError {
+    move |e| BackendError::storage(operation, e)
+}
+
+impl RedisBackend {
+    /// Connects to `url`; `global_keyprefix` gets Celery's trailing `_` when it lacks one of
+    /// `:_-.`.
+    pub async fn connect(url: &str, global_keyprefix: Option<&str>) -> Result<Self, BackendError> {
+        let client = redis::Client::open(url).map_err(err("open"))?;
+        let conn = ConnectionManager::new(client.clone()).await.map_err(err("connect"))?;
+        let prefix = match global_keyprefix {
+            Some(p) if !p.is_empty() && !p.ends_with([':', '_', '-', '.']) => format!("{p}_"),
+            Some(p) => p.to_owned(),
+            None => String::new(),
+        };
+        Ok(RedisBackend {
+            client,
+            conn,
+            url: crate::broker::redact(url),
+            prefix,
+            chord_part: redis::Script::new(CHORD_PART),
+        })
+    }
+
+    fn task_key(&self, task_id: &str) -> String {
+        format!("{}celery-task-meta-{task_id}", self.prefix)
+    }
+
+    fn chord_key(&self, group_id: &str, suffix: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}.{suffix}", self.prefix)
+    }
+
+    fn record_key(&self, key: &str) -> String {
+        format!("{}celeriac-record-{key}", self.prefix)
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+}
+
+fn decode(task_id: &str, raw: &[u8]) -> Result<ResultMeta, BackendError> {
+    ResultMeta::from_wire(raw).map_err(|source| BackendError::Corrupt { task_id: task_id.to_owned(), source })
+}
+
+#[async_trait]
+impl ResultBackend for RedisBackend {
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError> {
+        let key = self.task_key(&meta.task_id);
+        let mut conn = self.conn();
+        let current: Option<Vec<u8>> =
+            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(err("store"))?;
+        if let Some(raw) = current
+            && decode(&meta.task_id, &raw).is_ok_and(|m| m.status == State::Success)
+        {
+            return Ok(StoreOutcome::KeptSuccess);
+        }
+        let bytes = meta.to_wire();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        match expires {
+            // Celery writes whole seconds with SETEX; shorter expiries need milliseconds.
+            Some(e) if e.subsec_millis() == 0 && e.as_secs() > 0 => {
+                pipe.cmd("SETEX").arg(&key).arg(e.as_secs()).arg(&bytes).ignore()
+            }
+            Some(e) => pipe.cmd("PSETEX").arg(&key).arg(e.as_millis().max(1) as u64).arg(&bytes).ignore(),
+            None => pipe.cmd("SET").arg(&key).arg(&bytes).ignore(),
+        };
+        pipe.cmd("PUBLISH").arg(&key).arg(&bytes).ignore();
+        pipe.query_async::<()>(&mut conn).await.map_err(err("store"))?;
+        Ok(StoreOutcome::Stored)
+    }
+
+    async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
+        let raw: Option<Vec<u8>> =
+            redis::cmd("GET").arg(self.task_key(task_id)).query_async(&mut self.conn()).await.map_err(err("get"))?;
+        raw.map(|r| decode(task_id, &r)).transpose()
+    }
+
+    async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
+        redis::cmd("DEL").arg(self.task_key(task_id)).query_async::<()>(&mut self.conn()).await.map_err(err("forget"))
+    }
+
+    async fn cleanup(&self) -> Result<u64, BackendError> {
+        Ok(0) // Redis expires keys itself.
+    }
+
+    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.chord_key(group_id, "s")).arg(size);
+        if let Some(e) = expires {
+            cmd.arg("EX").arg(e.as_secs().max(1));
+        }
+        cmd.query_async::<()>(&mut self.conn()).await.map_err(err("chord init"))
+    }
+
+    async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
+        let member =
+            pyjson::to_vec(&serde_json::json!([1, part.task_id, part.state.as_str(), part.result])).unwrap_or_default();
+        let parts: Option<Vec<Vec<u8>>> = self
+            .chord_part
+            .key(self.chord_key(group_id, "j"))
+            .key(self.chord_key(group_id, "d"))
+            .key(self.chord_key(group_id, "s"))
+            .key(self.chord_key(group_id, "t"))
+            .key(self.chord_key(group_id, "c"))
+            .arg(part.index)
+            .arg(member)
+            .arg(&part.task_id)
+            .arg(86_400)
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(err("chord part"))?;
+        Ok(parts.map(|list| {
+            list.iter()
+                .enumerate()
+                .filter_map(|(i, raw)| {
+                    let v: Vec<Value> = serde_json::from_slice(raw).ok()?;
+                    Some(ChordPart {
+                        index: i as u64,
+                        task_id: v.get(1)?.as_str()?.to_owned(),
+                        state: State::parse(v.get(2)?.as_str()?),
+                        result: v.get(3).cloned().unwrap_or(Value::Null),
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    async fn put_record(&self, key: &str, value: &Value, expires: Option<Duration>) -> Result<(), BackendError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.record_key(key)).arg(serde_json::to_vec(value).unwrap_or_default());
+        if let Some(e) = expires {
+            cmd.arg("EX").arg(e.as_secs().max(1));
+        }
+        cmd.query_async::<()>(&mut self.conn()).await.map_err(err("put record"))
+    }
+
+    async fn get_record(&self, key: &str) -> Result<Option<Value>, BackendError> {
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.record_key(key))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("get record"))?;
+        Ok(raw.and_then(|r| serde_json::from_slice(&r).ok()))
+    }
+
+    async fn wait_ready(&self, task_id: &str, timeout: Duration) -> Result<Option<ResultMeta>, BackendError> {
+        // Subscribe first, then read: a result stored in between is seen by the GET.
+        let key = self.task_key(task_id);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pubsub = self.client.get_async_pubsub().await.map_err(err("subscribe"))?;
+        pubsub.subscribe(&key).await.map_err(err("subscribe"))?;
+        let mut last = self.get(task_id).await?;
+        if last.as_ref().is_some_and(|m| m.status.is_ready()) {
+            return Ok(last);
+        }
+        let mut messages = pubsub.on_message();
+        loop {
+            let next = tokio::time::timeout_at(deadline, messages.next()).await;
+            match next {
+                Err(_) => return Ok(last),
+                Ok(None) => {
+                    // The connection dropped: fall back to the stored value, then wait again.
+                    drop(messages);
+                    return self.poll_until(task_id, deadline).await;
+                }
+                Ok(Some(msg)) => {
+                    let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                    if let Ok(meta) = decode(task_id, &payload) {
+                        let ready = meta.status.is_ready();
+                        last = Some(meta);
+                        if ready {
+                            return Ok(last);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl RedisBackend {
+    async fn poll_until(
+        &self,
+        task_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<ResultMeta>, BackendError> {
+        loop {
+            let meta = self.get(task_id).await?;
+            if meta.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
+                return Ok(meta);
+            }
+            tokio::time::sleep(Duration::from_millis(50).min(deadline - tokio::time::Instant::now())).await;
+        }
+    }
+}
