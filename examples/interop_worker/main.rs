@@ -1,0 +1,2 @@
+//! Placeholder, replaced by the interop worker.
+fn main() {}
