@@ -65,6 +65,8 @@ pub struct Config {
     pub worker_disable_rate_limits: bool,
     /// *Celeriac*: also dead-letter tasks that failed for good (so they can be replayed).
     pub worker_dead_letter_failures: bool,
+    /// Send `task-*` events (monitoring such as Flower turns them on by itself).
+    pub worker_send_task_events: bool,
 }
 
 impl Default for Config {
@@ -94,6 +96,7 @@ impl Default for Config {
             worker_soft_shutdown_timeout: 30.0,
             worker_disable_rate_limits: false,
             worker_dead_letter_failures: true,
+            worker_send_task_events: false,
         }
     }
 }

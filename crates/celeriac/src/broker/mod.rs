@@ -176,6 +176,26 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Counts per queue.
     async fn stats(&self) -> Result<Vec<QueueStats>, BrokerError>;
+
+    /// Broadcasts on a fanout exchange (events, remote control), fire-and-forget. Returns
+    /// `false` when the transport has no fanout (nothing was sent).
+    async fn publish_fanout(&self, _exchange: &str, _routing_key: &str, _payload: &[u8]) -> Result<bool, BrokerError> {
+        Ok(false)
+    }
+
+    /// Messages broadcast on `exchange` from now on; `None` when the transport has no fanout.
+    async fn subscribe_fanout(
+        &self,
+        _exchange: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>, BrokerError> {
+        Ok(None)
+    }
+
+    /// Delivers `payload` to the queues bound to the direct `exchange` with `routing_key`
+    /// (remote-control replies).
+    async fn publish_direct(&self, _exchange: &str, _routing_key: &str, _payload: &[u8]) -> Result<(), BrokerError> {
+        Ok(())
+    }
 }
 
 /// Opens the broker a URL names: `memory://`, `sqlite://path`.

@@ -101,6 +101,8 @@ return #due
 
 /// The Redis broker.
 pub struct RedisBroker {
+    client: redis::Client,
+    db: i64,
     conn: ConnectionManager,
     url: String,
     prefix: String,
@@ -160,7 +162,8 @@ impl RedisBroker {
     /// `unacked_mutex_key`.
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let client = redis::Client::open(url).map_err(err("open"))?;
-        let conn = ConnectionManager::new(client).await.map_err(err("connect"))?;
+        let db = db_number(url);
+        let conn = ConnectionManager::new(client.clone()).await.map_err(err("connect"))?;
         let text = |name: &str| match config.broker_transport_options.get(name) {
             Some(toml::Value::String(s)) => Some(s.clone()),
             _ => None,
@@ -183,6 +186,8 @@ impl RedisBroker {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
         Ok(RedisBroker {
+            client,
+            db,
             conn,
             url: super::redact(url),
             visibility: secs("visibility_timeout", 3600.0),
@@ -196,6 +201,15 @@ impl RedisBroker {
             restore: redis::Script::new(RESTORE),
             promote: redis::Script::new(PROMOTE),
         })
+    }
+
+    /// kombu's pub/sub channel for a fanout exchange: `/<db>.<exchange>[/<routing key>]`.
+    fn fanout_channel(&self, exchange: &str, routing_key: &str) -> String {
+        if routing_key.is_empty() {
+            format!("{}/{}.{exchange}", self.prefix, self.db)
+        } else {
+            format!("{}/{}.{exchange}/{routing_key}", self.prefix, self.db)
+        }
     }
 
     fn key(&self, name: &str) -> String {
@@ -416,6 +430,13 @@ fn unpack_unacked(stored: &str) -> Option<(Vec<u8>, String, u8)> {
         info.insert("redelivered".into(), Value::Bool(true));
     }
     Some((pyjson::to_vec(&envelope).ok()?, routing_key, priority))
+}
+
+/// The database number in a `redis://host:port/db` URL (0 when absent).
+fn db_number(url: &str) -> i64 {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let path = rest.split('?').next().unwrap_or_default();
+    path.split_once('/').and_then(|(_, db)| db.trim_matches('/').parse().ok()).unwrap_or(0)
 }
 
 fn priority_of(payload: &[u8]) -> u8 {
@@ -698,11 +719,89 @@ impl Broker for RedisBroker {
         }
         Ok(out)
     }
+
+    async fn publish_fanout(&self, exchange: &str, routing_key: &str, payload: &[u8]) -> Result<bool, BrokerError> {
+        redis::cmd("PUBLISH")
+            .arg(self.fanout_channel(exchange, routing_key))
+            .arg(payload)
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(err("publish fanout"))?;
+        Ok(true)
+    }
+
+    async fn subscribe_fanout(
+        &self,
+        exchange: &str,
+    ) -> Result<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>, BrokerError> {
+        use futures::StreamExt;
+        let pattern = self.fanout_channel(exchange, "");
+        let client = self.client.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        // A dedicated connection that re-subscribes after the server goes away.
+        let mut pubsub = client.get_async_pubsub().await.map_err(err("subscribe"))?;
+        pubsub.psubscribe(&pattern).await.map_err(err("subscribe"))?;
+        tokio::spawn(async move {
+            let mut pubsub = Some(pubsub);
+            loop {
+                if let Some(mut ps) = pubsub.take() {
+                    let mut stream = ps.on_message();
+                    while let Some(msg) = stream.next().await {
+                        let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                        if tx.send(payload).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if let Ok(mut ps) = client.get_async_pubsub().await
+                    && ps.psubscribe(&pattern).await.is_ok()
+                {
+                    tracing::info!(%pattern, "re-subscribed after losing the Redis connection");
+                    pubsub = Some(ps);
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
+    async fn publish_direct(&self, exchange: &str, routing_key: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        let mut conn = self.conn();
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.key(&format!("_kombu.binding.{exchange}")))
+            .query_async(&mut conn)
+            .await
+            .map_err(err("publish direct"))?;
+        for m in members {
+            let parts: Vec<&str> = m.split(SEP).collect();
+            if let [rk, _pattern, queue] = parts.as_slice()
+                && *rk == routing_key
+            {
+                redis::cmd("LPUSH")
+                    .arg(self.key(queue))
+                    .arg(payload)
+                    .query_async::<()>(&mut conn)
+                    .await
+                    .map_err(err("publish direct"))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_numbers() {
+        assert_eq!(db_number("redis://127.0.0.1:6379/5"), 5);
+        assert_eq!(db_number("redis://:pw@h:6379/12?x=1"), 12);
+        assert_eq!(db_number("redis://h:6379"), 0);
+    }
 
     #[test]
     fn priority_buckets_follow_kombu() {

@@ -59,6 +59,7 @@ async fn worker(app: &App, args: WorkerArgs) -> Result<ExitCode, Failure> {
         o.prefetch_multiplier = m;
     }
     o.disable_prefetch |= args.disable_prefetch;
+    o.send_task_events |= args.task_events;
     if let Some(h) = args.hostname {
         o.hostname = h;
     }

@@ -109,6 +109,9 @@ pub struct WorkerArgs {
     /// Node name (default `celeriac@<host>`).
     #[arg(long, short = 'n')]
     pub hostname: Option<String>,
+    /// Send task events (`worker_send_task_events`), as Celery's `-E`.
+    #[arg(long = "task-events", short = 'E')]
+    pub task_events: bool,
 }
 
 /// `call` options.

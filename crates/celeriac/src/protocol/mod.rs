@@ -5,6 +5,7 @@
 //! This module imports nothing else from the crate: brokers, backends and the worker build on
 //! it, never the other way round.
 
+mod envelope;
 mod exception;
 mod message;
 pub mod pyjson;
@@ -14,6 +15,7 @@ mod signature;
 mod state;
 pub mod time;
 
+pub use envelope::Envelope;
 pub use exception::{BILLIARD_EXCEPTIONS, BUILTINS, CELERY_EXCEPTIONS, ExceptionInfo};
 pub use message::{DeliveryInfo, Embed, Message, Properties, ProtocolError, TaskBody, TaskHeaders};
 pub use repr::{args_repr, py_repr};

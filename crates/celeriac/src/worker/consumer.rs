@@ -6,9 +6,12 @@
 //! slot is free. Bad input (undecodable, unknown task, arguments that do not fit) is
 //! dead-lettered with the reason, never dropped.
 
+use super::control;
+use super::events::Events;
 use super::executor::{self, Decision, Effective};
 use super::outcome::Call;
 use super::rate_limit::{RateLimit, RateLimiter};
+use super::state::WorkerState;
 use super::{Shutdown, WorkerOptions, WorkerStats};
 use crate::app::App;
 use crate::broker::Delivery;
@@ -62,19 +65,42 @@ struct Ctx {
     slots: Semaphore,
     limiter: RateLimiter,
     shutdown: Shutdown,
+    state: Arc<WorkerState>,
+    events: Events,
 }
 
 /// Runs the consumer until shutdown; returns when every held delivery is settled.
 pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats>, shutdown: Shutdown) {
+    let state = Arc::new(WorkerState::new(options.hostname.clone(), options.queues.clone(), options.send_task_events));
+    let events = Events::new(app.clone(), state.clone());
     let ctx = Arc::new(Ctx {
         slots: Semaphore::new(options.concurrency),
         app,
-        options,
         stats,
         held: Held::default(),
         limiter: RateLimiter::default(),
         shutdown: shutdown.clone(),
+        state,
+        events,
+        options,
     });
+    let processed: Arc<dyn Fn() -> u64 + Send + Sync> = {
+        let stats = ctx.stats.clone();
+        Arc::new(move || stats.processed.load(Ordering::Relaxed))
+    };
+    let heartbeats = {
+        let processed = processed.clone();
+        tokio::spawn(ctx.events.clone().run_heartbeats(move || processed()))
+    };
+    let control = tokio::spawn(control::run(control::Control {
+        app: ctx.app.clone(),
+        state: ctx.state.clone(),
+        events: ctx.events.clone(),
+        shutdown: shutdown.clone(),
+        concurrency: ctx.options.concurrency,
+        prefetch: ctx.options.fetch_room(0, 0),
+        processed: processed.clone(),
+    }));
     let tracker = TaskTracker::new();
     let renewer = tokio::spawn(renew_leases(ctx.clone()));
     let cleaner = tokio::spawn(clean_expired_results(ctx.app.clone()));
@@ -92,6 +118,9 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
     }
     renewer.abort();
     cleaner.abort();
+    heartbeats.abort();
+    control.abort();
+    ctx.events.offline(processed()).await;
 }
 
 /// Deletes expired results now and then (Celery leaves this to a `celery.backend_cleanup`
@@ -123,8 +152,9 @@ async fn fetch_loop(ctx: &Arc<Ctx>, tracker: &TaskTracker) {
             }
             continue;
         }
+        let queues = ctx.state.queues();
         let fetched = tokio::select! {
-            r = ctx.app.broker().fetch(&ctx.options.queues, room, ctx.options.poll_wait) => r,
+            r = ctx.app.broker().fetch(&queues, room, ctx.options.poll_wait) => r,
             _ = ctx.shutdown.graceful_requested() => return,
         };
         match fetched {
@@ -193,22 +223,109 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
         return dead_letter(ctx, d, &format!("unknown task {name:?}: not registered with this worker{hint}")).await;
     };
+    let info = request_info(&message, &body, d, &ctx.options.hostname);
+    if ctx.state.is_revoked(&id) {
+        return revoked(ctx, d, &id, "revoked", false).await;
+    }
     if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %id, "task expired before it ran: revoked");
-        let mut meta = ResultMeta::exception(&id, State::Revoked, &ExceptionInfo::revoked("expired"), None);
-        meta.children = None; // as Celery writes REVOKED
-        let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
-        ctx.stats.revoked.fetch_add(1, Ordering::Relaxed);
-        let _ = app.broker().ack(d).await;
-        return;
+        return revoked(ctx, d, &id, "expired", false).await;
     }
     if let Some(eta) = message.headers.eta_time().filter(|t| *t > Utc::now() + chrono::Duration::milliseconds(5)) {
         // A transport that delivered early (or a clock ahead of ours): back to the broker.
         let _ = app.broker().requeue(d, Some(eta)).await;
         return;
     }
-    let effective = Effective::new(app, task.as_ref(), &message);
-    if let Some(rate) = effective.options.rate_limit.as_deref().filter(|_| !app.config().worker_disable_rate_limits)
+    ctx.events
+        .task("task-received", &id, {
+            let mut f = serde_json::Map::new();
+            f.insert("name".into(), message.headers.task.clone().into());
+            f.insert(
+                "args".into(),
+                message.headers.argsrepr.clone().unwrap_or_else(|| crate::protocol::args_repr(&body.args)).into(),
+            );
+            f.insert("kwargs".into(), message.headers.kwargsrepr.clone().unwrap_or_default().into());
+            f.insert("root_id".into(), message.headers.root_id.clone().into());
+            f.insert("parent_id".into(), message.headers.parent_id.clone().into());
+            f.insert("retries".into(), message.headers.retries.into());
+            f.insert("eta".into(), message.headers.eta.clone().into());
+            f.insert("expires".into(), message.headers.expires.clone().into());
+            f
+        })
+        .await;
+    ctx.state.reserve(&id, info.clone());
+    let outcome = run_reserved(ctx, d, message, body, task, info).await;
+    ctx.state.unreserve(&id);
+    outcome
+}
+
+/// Celery's `Request.info()` for remote control.
+fn request_info(
+    message: &Message,
+    body: &crate::protocol::TaskBody,
+    d: &Delivery,
+    hostname: &str,
+) -> serde_json::Map<String, serde_json::Value> {
+    let json = serde_json::json!({
+        "id": message.headers.id,
+        "name": message.headers.task,
+        "args": body.args,
+        "kwargs": body.kwargs,
+        "type": message.headers.task,
+        "hostname": hostname,
+        "time_start": null,
+        "acknowledged": false,
+        "delivery_info": {
+            "exchange": message.properties.delivery_info.exchange,
+            "routing_key": message.properties.delivery_info.routing_key,
+            "priority": message.properties.priority,
+            "redelivered": d.redelivered(),
+        },
+        "worker_pid": std::process::id(),
+    });
+    match json {
+        serde_json::Value::Object(m) => m,
+        _ => serde_json::Map::new(),
+    }
+}
+
+/// Stores REVOKED (unless the revoke command already did), acks, and sends `task-revoked`.
+async fn revoked(ctx: &Ctx, d: &Delivery, id: &str, why: &str, terminated: bool) {
+    let app = &ctx.app;
+    if app.backend().get(id).await.ok().flatten().is_none_or(|m| m.status != State::Revoked) {
+        let mut meta = ResultMeta::exception(id, State::Revoked, &ExceptionInfo::revoked(why), None);
+        meta.children = None;
+        let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
+    }
+    ctx.stats.revoked.fetch_add(1, Ordering::Relaxed);
+    let _ = app.broker().ack(d).await;
+    let mut f = serde_json::Map::new();
+    f.insert("terminated".into(), terminated.into());
+    f.insert("signum".into(), serde_json::Value::Null);
+    f.insert("expired".into(), (why == "expired").into());
+    ctx.events.task("task-revoked", id, f).await;
+}
+
+async fn run_reserved(
+    ctx: &Arc<Ctx>,
+    d: &Delivery,
+    message: Message,
+    body: crate::protocol::TaskBody,
+    task: Arc<dyn crate::task::Task>,
+    mut info: serde_json::Map<String, serde_json::Value>,
+) {
+    let app = &ctx.app;
+    let id = message.headers.id.clone();
+    let mut effective = Effective::new(app, task.as_ref(), &message);
+    if let Some((hard, soft)) = ctx.state.time_limits(task.name()) {
+        effective.time_limit = hard.or(effective.time_limit);
+        effective.soft_time_limit = soft.or(effective.soft_time_limit);
+    }
+    let rate = match ctx.state.rate_limit(task.name()) {
+        Some(over) => over,
+        None => effective.options.rate_limit.clone(),
+    };
+    if let Some(rate) = rate.as_deref().filter(|_| !app.config().worker_disable_rate_limits)
         && let Ok(rate) = RateLimit::parse(rate)
     {
         let start = ctx.limiter.reserve(task.name(), rate);
@@ -241,6 +358,13 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
             }
         }
     }
+    if ctx.state.is_revoked(&id) {
+        return revoked(ctx, d, &id, "revoked", false).await;
+    }
+    info.insert("time_start".into(), (chrono::Utc::now().timestamp_micros() as f64 / 1e6).into());
+    info.insert("acknowledged".into(), (!effective.acks_late).into());
+    ctx.state.unreserve(&id);
+    let terminate = ctx.state.start(&id, info);
     let request = executor::request(app, &message, &body, &ctx.options.hostname, d.redelivered(), false);
     let call = Call {
         app: app.clone(),
@@ -256,11 +380,20 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
     }
     crate::canvas::saga::on_start(&call).await;
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
+    ctx.events.task("task-started", &id, serde_json::Map::new()).await;
+    let started = std::time::Instant::now();
     let decision = tokio::select! {
         dec = executor::run(task, request, &call.effective) => Some(dec),
         _ = ctx.shutdown.immediate_requested() => None,
+        _ = terminate.cancelled() => {
+            ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+            ctx.state.finish(&id, &call.request.task);
+            tracing::warn!(task_id = %id, "terminated by remote control");
+            return revoked(ctx, d, &id, "terminated", true).await;
+        }
     };
     ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
+    ctx.state.finish(&id, &call.request.task);
     let Some(decision) = decision else {
         if call.effective.acks_late {
             tracing::warn!(task_id = %id, "stopped at shutdown: returned to the queue (acks_late)");
@@ -271,7 +404,41 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         return;
     };
     ctx.stats.processed.fetch_add(1, Ordering::Relaxed);
-    apply(ctx, d, &call, executor::name_failure(decision, &call.request.task, &id)).await;
+    let decision = executor::name_failure(decision, &call.request.task, &id);
+    task_event(ctx, &id, &decision, started.elapsed().as_secs_f64()).await;
+    apply(ctx, d, &call, decision).await;
+}
+
+async fn task_event(ctx: &Ctx, id: &str, decision: &Decision, runtime: f64) {
+    let mut f = serde_json::Map::new();
+    let kind = match decision {
+        Decision::Success(v) => {
+            f.insert("result".into(), crate::protocol::py_repr(v).into());
+            f.insert("runtime".into(), runtime.into());
+            "task-succeeded"
+        }
+        Decision::Retry { exc, .. } => {
+            f.insert("exception".into(), exc.as_ref().map(|e| e.repr()).unwrap_or_else(|| "Retry()".into()).into());
+            f.insert("traceback".into(), "".into());
+            "task-retried"
+        }
+        Decision::Failure { exc, traceback, .. } => {
+            f.insert("exception".into(), exc.repr().into());
+            f.insert("traceback".into(), traceback.clone().unwrap_or_default().into());
+            "task-failed"
+        }
+        Decision::BadArguments(e) => {
+            f.insert("exception".into(), ExceptionInfo::type_error(e.to_string()).repr().into());
+            f.insert("traceback".into(), "".into());
+            "task-failed"
+        }
+        Decision::Reject { requeue, .. } => {
+            f.insert("requeue".into(), (*requeue).into());
+            "task-rejected"
+        }
+        Decision::Ignore => return,
+    };
+    ctx.events.task(kind, id, f).await;
 }
 
 async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {

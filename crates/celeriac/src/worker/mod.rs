@@ -5,11 +5,14 @@
 //! retry decision), `outcome` (records and hooks), `rate_limit`, `shutdown`, `eager`.
 
 mod consumer;
+mod control;
 pub(crate) mod eager;
+mod events;
 mod executor;
 mod outcome;
 mod rate_limit;
 mod shutdown;
+mod state;
 
 pub(crate) use outcome::Call;
 pub use rate_limit::RateLimit;
@@ -37,6 +40,8 @@ pub struct WorkerOptions {
     pub shutdown_timeout: f64,
     /// Longest a single fetch waits for messages before looping.
     pub poll_wait: Duration,
+    /// Send `task-*` events (`worker_send_task_events`, `-E`); worker events are always sent.
+    pub send_task_events: bool,
 }
 
 impl WorkerOptions {
@@ -51,6 +56,7 @@ impl WorkerOptions {
             hostname: format!("celeriac@{}", crate::app::hostname()),
             shutdown_timeout: c.worker_soft_shutdown_timeout,
             poll_wait: Duration::from_secs(1),
+            send_task_events: c.worker_send_task_events,
         }
     }
 
@@ -194,6 +200,7 @@ mod tests {
             hostname: "w".into(),
             shutdown_timeout: 1.0,
             poll_wait: Duration::from_millis(10),
+            send_task_events: false,
         }
     }
 

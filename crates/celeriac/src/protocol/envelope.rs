@@ -1,0 +1,82 @@
+//! The kombu envelope of messages that are not tasks: events and remote-control (pidbox)
+//! requests and replies. Same layout as a task message on virtual transports: a base64 body,
+//! headers and properties.
+
+use super::pyjson;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::{Map, Value};
+
+/// A non-task message: JSON body, free-form headers and properties.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// The decoded body.
+    pub body: Value,
+    /// Message headers (`hostname` for events, `ticket`/`clock` for pidbox).
+    pub headers: Map<String, Value>,
+    /// Properties (`delivery_mode`, `delivery_info`, ...).
+    pub properties: Map<String, Value>,
+}
+
+impl Envelope {
+    /// A JSON message for `exchange`/`routing_key` with `delivery_mode` (1 = transient).
+    pub fn new(body: Value, headers: Map<String, Value>, exchange: &str, routing_key: &str, delivery_mode: u8) -> Self {
+        let mut properties = Map::new();
+        properties.insert("delivery_mode".into(), delivery_mode.into());
+        properties
+            .insert("delivery_info".into(), serde_json::json!({"exchange": exchange, "routing_key": routing_key}));
+        properties.insert("priority".into(), 0.into());
+        properties.insert("body_encoding".into(), "base64".into());
+        properties.insert("delivery_tag".into(), uuid::Uuid::new_v4().to_string().into());
+        Envelope { body, headers, properties }
+    }
+
+    /// Parses an envelope; `None` if the bytes are not one or the body is not JSON.
+    pub fn from_wire(bytes: &[u8]) -> Option<Self> {
+        let raw: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
+        let properties = raw.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
+        let headers = raw.get("headers").and_then(Value::as_object).cloned().unwrap_or_default();
+        let body_bytes = match (raw.get("body"), properties.get("body_encoding").and_then(Value::as_str)) {
+            (Some(Value::String(s)), Some("base64")) => BASE64.decode(s.as_bytes()).ok()?,
+            (Some(Value::String(s)), _) => s.clone().into_bytes(),
+            (Some(other), _) => other.to_string().into_bytes(),
+            (None, _) => return None,
+        };
+        let body = serde_json::from_slice(&body_bytes).ok()?;
+        Some(Envelope { body, headers, properties })
+    }
+
+    /// The envelope bytes, as kombu writes them.
+    pub fn to_wire(&self) -> Vec<u8> {
+        let body = pyjson::to_vec(&self.body).unwrap_or_default();
+        let env = serde_json::json!({
+            "body": BASE64.encode(body),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": self.headers,
+            "properties": self.properties,
+        });
+        pyjson::to_vec(&env).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_the_wire() {
+        let mut headers = Map::new();
+        headers.insert("hostname".into(), "w1@host".into());
+        let e = Envelope::new(
+            serde_json::json!({"type": "worker-heartbeat", "freq": 2.0}),
+            headers,
+            "celeryev",
+            "worker.heartbeat",
+            1,
+        );
+        let back = Envelope::from_wire(&e.to_wire()).unwrap();
+        assert_eq!(back, e);
+        assert!(Envelope::from_wire(b"nope").is_none());
+    }
+}

@@ -1,0 +1,153 @@
+//! What a running worker knows about itself, shared by the consumer, the event dispatcher and
+//! remote control: queues, running and reserved requests, revoked ids, per-task totals and
+//! limit overrides.
+
+use serde_json::{Map, Value};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+use tokio_util::sync::CancellationToken;
+
+/// Revoked ids kept (Celery's `REVOKES_MAX`).
+const REVOKES_MAX: usize = 50_000;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `(hard, soft)` time limits in seconds.
+type Limits = (Option<f64>, Option<f64>);
+
+/// One request as remote control shows it (Celery's `Request.info()`).
+#[derive(Debug, Clone)]
+pub(crate) struct RequestInfo {
+    pub info: Map<String, Value>,
+    pub terminate: CancellationToken,
+}
+
+/// Shared worker state.
+#[derive(Debug)]
+pub(crate) struct WorkerState {
+    pub hostname: String,
+    pub queues: RwLock<Vec<String>>,
+    pub task_events: AtomicBool,
+    pub clock: AtomicU64,
+    pub started: std::time::Instant,
+    revoked: Mutex<(HashSet<String>, VecDeque<String>)>,
+    running: Mutex<HashMap<String, RequestInfo>>,
+    reserved: Mutex<HashMap<String, Map<String, Value>>>,
+    totals: Mutex<BTreeMap<String, u64>>,
+    rate_limits: Mutex<HashMap<String, Option<String>>>,
+    time_limits: Mutex<HashMap<String, Limits>>,
+}
+
+impl WorkerState {
+    pub(crate) fn new(hostname: String, queues: Vec<String>, task_events: bool) -> Self {
+        WorkerState {
+            hostname,
+            queues: RwLock::new(queues),
+            task_events: AtomicBool::new(task_events),
+            clock: AtomicU64::new(0),
+            started: std::time::Instant::now(),
+            revoked: Mutex::default(),
+            running: Mutex::default(),
+            reserved: Mutex::default(),
+            totals: Mutex::default(),
+            rate_limits: Mutex::default(),
+            time_limits: Mutex::default(),
+        }
+    }
+
+    pub(crate) fn queues(&self) -> Vec<String> {
+        self.queues.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Lamport clock: the next value.
+    pub(crate) fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adjusts the clock to a received value (`max(local, received) + 1`).
+    pub(crate) fn observe_clock(&self, received: u64) {
+        self.clock.fetch_max(received, Ordering::Relaxed);
+        self.clock.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn revoke(&self, id: &str) {
+        let mut guard = lock(&self.revoked);
+        let (set, order) = &mut *guard;
+        if set.insert(id.to_owned()) {
+            order.push_back(id.to_owned());
+            if order.len() > REVOKES_MAX
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+    }
+
+    pub(crate) fn is_revoked(&self, id: &str) -> bool {
+        lock(&self.revoked).0.contains(id)
+    }
+
+    pub(crate) fn revoked_ids(&self) -> Vec<String> {
+        lock(&self.revoked).1.iter().cloned().collect()
+    }
+
+    pub(crate) fn reserve(&self, id: &str, info: Map<String, Value>) {
+        lock(&self.reserved).insert(id.to_owned(), info);
+    }
+
+    pub(crate) fn unreserve(&self, id: &str) {
+        lock(&self.reserved).remove(id);
+    }
+
+    pub(crate) fn reserved(&self) -> Vec<Value> {
+        lock(&self.reserved).values().map(|i| Value::Object(i.clone())).collect()
+    }
+
+    pub(crate) fn start(&self, id: &str, info: Map<String, Value>) -> CancellationToken {
+        let token = CancellationToken::new();
+        lock(&self.running).insert(id.to_owned(), RequestInfo { info, terminate: token.clone() });
+        token
+    }
+
+    pub(crate) fn finish(&self, id: &str, task: &str) {
+        lock(&self.running).remove(id);
+        *lock(&self.totals).entry(task.to_owned()).or_default() += 1;
+    }
+
+    pub(crate) fn running(&self) -> Vec<Value> {
+        lock(&self.running).values().map(|r| Value::Object(r.info.clone())).collect()
+    }
+
+    pub(crate) fn active_count(&self) -> usize {
+        lock(&self.running).len()
+    }
+
+    /// Stops a running task (`revoke --terminate`); returns whether it was running here.
+    pub(crate) fn terminate(&self, id: &str) -> bool {
+        lock(&self.running).get(id).map(|r| r.terminate.cancel()).is_some()
+    }
+
+    pub(crate) fn totals(&self) -> BTreeMap<String, u64> {
+        lock(&self.totals).clone()
+    }
+
+    pub(crate) fn set_rate_limit(&self, task: &str, rate: Option<String>) {
+        lock(&self.rate_limits).insert(task.to_owned(), rate);
+    }
+
+    /// The rate limit set at run time for `task`, if any (`Some(None)` = turned off).
+    pub(crate) fn rate_limit(&self, task: &str) -> Option<Option<String>> {
+        lock(&self.rate_limits).get(task).cloned()
+    }
+
+    pub(crate) fn set_time_limits(&self, task: &str, hard: Option<f64>, soft: Option<f64>) {
+        lock(&self.time_limits).insert(task.to_owned(), (hard, soft));
+    }
+
+    pub(crate) fn time_limits(&self, task: &str) -> Option<Limits> {
+        lock(&self.time_limits).get(task).copied()
+    }
+}
