@@ -111,6 +111,10 @@ pub struct RedisBroker {
     node: String,
     keys: Keys,
     declared: Mutex<HashSet<String>>,
+    /// Tags handed to this process's consumer and not settled yet. A tag in our `held` set
+    /// that is not here was claimed by a script whose reply was lost (the connection dropped):
+    /// housekeeping gives it back.
+    delivered: Mutex<HashSet<String>>,
     housekeeping: Mutex<Housekeeping>,
     claim: redis::Script,
     restore: redis::Script,
@@ -196,6 +200,7 @@ impl RedisBroker {
             node,
             keys,
             declared: Mutex::default(),
+            delivered: Mutex::default(),
             housekeeping: Mutex::default(),
             claim: redis::Script::new(CLAIM),
             restore: redis::Script::new(RESTORE),
@@ -273,8 +278,32 @@ impl RedisBroker {
                 .map_err(err("heartbeat"))?;
         }
         if recover {
+            self.recover_lost_replies().await?;
             self.recover_dead_nodes().await?;
             self.restore_visible().await?;
+        }
+        Ok(())
+    }
+
+    fn settled(&self, tag: &str) {
+        self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(tag);
+    }
+
+    /// Gives back messages this node claimed but never received (the claim's reply was lost
+    /// with the connection).
+    async fn recover_lost_replies(&self) -> Result<(), BrokerError> {
+        let held: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(&self.keys.held)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("held tags"))?;
+        let lost: Vec<String> = {
+            let delivered = self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.into_iter().filter(|t| !delivered.contains(t)).collect()
+        };
+        if !lost.is_empty() {
+            let restored = self.restore_tags(&lost, &self.keys.held).await?;
+            tracing::warn!(restored, "gave back messages claimed while the connection dropped");
         }
         Ok(())
     }
@@ -507,6 +536,11 @@ impl Broker for RedisBroker {
             }
             let flat: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn()).await.map_err(err("fetch"))?;
             if !flat.is_empty() {
+                let mut delivered = self.delivered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                for c in flat.chunks(3).filter(|c| c.len() == 3) {
+                    delivered.insert(String::from_utf8_lossy(&c[1]).into_owned());
+                }
+                drop(delivered);
                 return Ok(flat
                     .chunks(3)
                     .filter(|c| c.len() == 3)
@@ -539,6 +573,7 @@ impl Broker for RedisBroker {
         pipe.cmd("ZREM").arg(&self.keys.unacked_index).arg(&delivery.tag).ignore();
         pipe.cmd("SREM").arg(&self.keys.held).arg(&delivery.tag).ignore();
         let (removed,): (i64,) = pipe.query_async(&mut self.conn()).await.map_err(err("ack"))?;
+        self.settled(&delivery.tag);
         Ok(removed == 1)
     }
 
@@ -547,6 +582,7 @@ impl Broker for RedisBroker {
             Some(t) => self.move_unacked(delivery, "delay", t.timestamp_millis(), &delivery.payload).await?,
             None => self.move_unacked(delivery, "front", 0, &mark_redelivered(&delivery.payload)).await?,
         };
+        self.settled(&delivery.tag);
         Ok(())
     }
 
@@ -573,7 +609,9 @@ impl Broker for RedisBroker {
             .arg(message.to_wire())
             .ignore();
         self.ack_pipe(&mut pipe, &delivery.tag);
-        pipe.query_async::<()>(&mut self.conn()).await.map_err(err("republish"))
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(err("republish"))?;
+        self.settled(&delivery.tag);
+        Ok(())
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
@@ -590,7 +628,9 @@ impl Broker for RedisBroker {
         pipe.atomic().cmd("HSET").arg(&self.keys.dead).arg(id).arg(record.to_string()).ignore();
         pipe.cmd("ZADD").arg(&self.keys.dead_index).arg(now).arg(id).ignore();
         self.ack_pipe(&mut pipe, &delivery.tag);
-        pipe.query_async::<()>(&mut conn).await.map_err(err("dead-letter"))
+        pipe.query_async::<()>(&mut conn).await.map_err(err("dead-letter"))?;
+        self.settled(&delivery.tag);
+        Ok(())
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

@@ -191,6 +191,25 @@ async fn renew_leases(ctx: Arc<Ctx>) {
     }
 }
 
+/// Acknowledges a finished delivery, retrying with back-off (about 30 s in all) so a broker
+/// restart does not leave it to be redelivered later.
+async fn settle_ack(app: &App, d: &Delivery) {
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=10 {
+        match app.broker().ack(d).await {
+            Ok(_) => return,
+            Err(e) if attempt == 10 => {
+                tracing::error!(error = %e, "could not acknowledge; the message will be redelivered")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, attempt, "could not acknowledge; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
 /// Dead-letters a delivery, counting and logging it.
 async fn dead_letter(ctx: &Ctx, d: &Delivery, reason: &str) {
     tracing::warn!(queue = %d.queue, %reason, "message dead-lettered");
@@ -298,7 +317,7 @@ async fn revoked(ctx: &Ctx, d: &Delivery, id: &str, why: &str, terminated: bool)
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
     }
     ctx.stats.revoked.fetch_add(1, Ordering::Relaxed);
-    let _ = app.broker().ack(d).await;
+    settle_ack(app, d).await;
     let mut f = serde_json::Map::new();
     f.insert("terminated".into(), terminated.into());
     f.insert("signum".into(), serde_json::Value::Null);
@@ -450,7 +469,7 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             call.succeeded(&value, &children).await;
             ctx.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             if late {
-                let _ = broker.ack(d).await;
+                settle_ack(&ctx.app, d).await;
             }
         }
         Decision::Retry { eta, exc } => {
@@ -472,7 +491,7 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
                 let reason = format!("failed after {} retries: {exc}", call.request.retries);
                 dead_letter(ctx, d, &reason).await;
             } else if late {
-                let _ = broker.ack(d).await;
+                settle_ack(&ctx.app, d).await;
             }
         }
         Decision::Reject { requeue: true, reason } => {
@@ -488,7 +507,7 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
         }
         Decision::Ignore => {
             if late {
-                let _ = broker.ack(d).await;
+                settle_ack(&ctx.app, d).await;
             }
         }
         Decision::BadArguments(e) => {

@@ -48,8 +48,20 @@ impl Call {
         if self.effective.ignore_result && !matches!(meta.status, State::Failure) {
             return;
         }
-        if let Err(e) = self.app.backend().store(&meta, self.app.config().result_expires_duration()).await {
-            tracing::error!(task_id = %meta.task_id, error = %e, "could not store result");
+        // Retried with back-off (about 30 s in all), so a backend restart does not lose results.
+        let mut pause = std::time::Duration::from_millis(100);
+        for attempt in 1..=10 {
+            match self.app.backend().store(&meta, self.app.config().result_expires_duration()).await {
+                Ok(_) => return,
+                Err(e) if attempt == 10 => {
+                    tracing::error!(task_id = %meta.task_id, error = %e, "could not store result; giving up")
+                }
+                Err(e) => {
+                    tracing::warn!(task_id = %meta.task_id, error = %e, attempt, "could not store result; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
         }
     }
 
