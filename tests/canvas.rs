@@ -204,11 +204,16 @@ async fn callbacks_run_in_order_with_the_result() {
     worker.await.unwrap();
 }
 
-static CHORD_BODY_RUNS: AtomicU32 = AtomicU32::new(0);
+/// Chord groups whose body ran, once per run.
+static CHORD_BODY_RUNS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
-#[task(name = "c.count_body")]
-async fn count_body(results: Vec<i64>) -> TaskResult<usize> {
-    CHORD_BODY_RUNS.fetch_add(1, Ordering::SeqCst);
+fn body_runs(group: &str) -> usize {
+    CHORD_BODY_RUNS.lock().unwrap().iter().filter(|g| *g == group).count()
+}
+
+#[task(name = "c.count_body", bind = true)]
+async fn count_body(req: Request, results: Vec<i64>) -> TaskResult<usize> {
+    CHORD_BODY_RUNS.lock().unwrap().push(req.group.clone().unwrap_or_default());
     Ok(results.len())
 }
 
@@ -226,7 +231,8 @@ async fn a_chord_of_fifty_fires_exactly_once_under_concurrency() {
     s2.graceful();
     w1.await.unwrap();
     w2.await.unwrap();
-    assert_eq!(CHORD_BODY_RUNS.load(Ordering::SeqCst), 1, "the body ran once");
+    let group = r.meta().await.unwrap().group_id.unwrap();
+    assert_eq!(body_runs(&group), 1, "the body ran once");
 }
 
 // ---- saga ----------------------------------------------------------------------------------
@@ -385,4 +391,29 @@ async fn a_rollback_interrupted_by_a_stopped_worker_resumes() {
     assert_eq!(SLOW_UNDO_RUNS.load(Ordering::SeqCst), 2);
     shutdown.graceful();
     worker.await.unwrap();
+}
+
+#[tokio::test]
+async fn workflows_on_redis() {
+    let Some(url) = redis_url(6).await else { return };
+    let app = App::builder().broker_url(&url).task(add).task(mul).task(tsum).task(count_body).build().await.unwrap();
+    let (s1, w1) = start_worker(&app, 8);
+    let (s2, w2) = start_worker(&app, 8);
+    let one = |t: &str, x: i64| celeriac::Signature::new(t, vec![x.into()]);
+    let tsum_sig = celeriac::Signature::new("c.tsum", vec![]);
+    let r = chain([add::s(1, 2), one("c.mul", 10), one("c.add", 5)]).delay(&app).await.unwrap();
+    assert_eq!(r.get::<i64>(WAIT).await.unwrap(), 35);
+    let r = chain([add::s(1, 1), chord([one("c.add", 1), one("c.add", 2)], tsum_sig.clone()), one("c.mul", 10)]).delay(&app).await.unwrap();
+    assert_eq!(r.get::<i64>(WAIT).await.unwrap(), 70);
+    let g = group((0..3).map(|i| add::s(i, i))).delay(&app).await.unwrap();
+    assert_eq!(app.group_result(g.id()).await.unwrap().unwrap().join::<i64>(WAIT).await.unwrap(), vec![0, 2, 4]);
+    let r = chord((0..50).map(|i| add::s(i, 1)), celeriac::Signature::new("c.count_body", vec![])).delay(&app).await.unwrap();
+    assert_eq!(r.get::<usize>(WAIT).await.unwrap(), 50);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let group = r.meta().await.unwrap().group_id.unwrap();
+    assert_eq!(body_runs(&group), 1, "the body ran once");
+    s1.graceful();
+    s2.graceful();
+    w1.await.unwrap();
+    w2.await.unwrap();
 }
