@@ -403,11 +403,17 @@ async fn workflows_on_redis() {
     let tsum_sig = celeriac::Signature::new("c.tsum", vec![]);
     let r = chain([add::s(1, 2), one("c.mul", 10), one("c.add", 5)]).delay(&app).await.unwrap();
     assert_eq!(r.get::<i64>(WAIT).await.unwrap(), 35);
-    let r = chain([add::s(1, 1), chord([one("c.add", 1), one("c.add", 2)], tsum_sig.clone()), one("c.mul", 10)]).delay(&app).await.unwrap();
+    let r = chain([add::s(1, 1), chord([one("c.add", 1), one("c.add", 2)], tsum_sig.clone()), one("c.mul", 10)])
+        .delay(&app)
+        .await
+        .unwrap();
     assert_eq!(r.get::<i64>(WAIT).await.unwrap(), 70);
     let g = group((0..3).map(|i| add::s(i, i))).delay(&app).await.unwrap();
     assert_eq!(app.group_result(g.id()).await.unwrap().unwrap().join::<i64>(WAIT).await.unwrap(), vec![0, 2, 4]);
-    let r = chord((0..50).map(|i| add::s(i, 1)), celeriac::Signature::new("c.count_body", vec![])).delay(&app).await.unwrap();
+    let r = chord((0..50).map(|i| add::s(i, 1)), celeriac::Signature::new("c.count_body", vec![]))
+        .delay(&app)
+        .await
+        .unwrap();
     assert_eq!(r.get::<usize>(WAIT).await.unwrap(), 50);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let group = r.meta().await.unwrap().group_id.unwrap();

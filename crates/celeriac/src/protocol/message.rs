@@ -41,7 +41,7 @@ pub enum ProtocolError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaskHeaders {
     /// Sender's language: `"py"` from Python, `"rs"` from us. Informational.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub lang: String,
     /// Registered task name. Its presence marks protocol v2.
     pub task: String,
@@ -63,10 +63,10 @@ pub struct TaskHeaders {
     #[serde(default)]
     pub group_index: Option<u64>,
     /// Retries so far.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub retries: u32,
     /// `[hard, soft]` time limits in seconds (numbers kept as sent: `10` stays `10`).
-    #[serde(default = "no_limits")]
+    #[serde(default = "no_limits", deserialize_with = "limits_or_none")]
     pub timelimit: (Option<Number>, Option<Number>),
     /// First task of the workflow.
     #[serde(default)]
@@ -84,24 +84,38 @@ pub struct TaskHeaders {
     #[serde(default)]
     pub origin: Option<String>,
     /// Do not store the result.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub ignore_result: bool,
     /// Set by `Task.replace()`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub replaced_task_nesting: u32,
     /// Stamping API (5.3+).
     #[serde(default)]
     pub stamped_headers: Option<Value>,
     /// Stamping API (5.3+).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_default")]
     pub stamps: Map<String, Value>,
     /// Any other header (user headers, `redelivered`, ...), kept in order.
     #[serde(flatten)]
     pub extra: Map<String, Value>,
 }
 
+/// `null` reads as the default: Celery's `send_task()` writes `"ignore_result": null` and other
+/// writers may null any field.
+fn null_default<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Default + Deserialize<'de>,
+{
+    Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+}
+
 fn no_limits() -> (Option<Number>, Option<Number>) {
     (None, None)
+}
+
+fn limits_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(Option<Number>, Option<Number>), D::Error> {
+    Ok(Option::deserialize(d)?.unwrap_or((None, None)))
 }
 
 impl TaskHeaders {
@@ -415,6 +429,15 @@ mod tests {
         let body = m.task_body().unwrap();
         assert_eq!(body.args, vec![Value::from(2), Value::from(40)]);
         assert!(body.embed.is_none());
+    }
+
+    #[test]
+    fn null_headers_read_as_defaults() {
+        // What Celery's `app.send_task()` writes for options it was not given.
+        let raw = br#"{"body": "W1sxLCAyXSwge30sIG51bGxdAA==", "content-type": "application/json", "headers": {"lang": null, "task": "t", "id": "i", "retries": null, "timelimit": null, "ignore_result": null, "replaced_task_nesting": null, "stamps": null}, "properties": {"body_encoding": "base64"}}"#;
+        let m = Message::from_wire(raw).unwrap();
+        assert!(!m.headers.ignore_result);
+        assert_eq!((m.headers.retries, m.headers.time_limits()), (0, (None, None)));
     }
 
     #[test]
