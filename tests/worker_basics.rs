@@ -108,6 +108,29 @@ async fn redis_end_to_end() {
 }
 
 #[tokio::test]
+async fn redis_global_keyprefix_prefixes_every_key() {
+    let Some(url) = redis_url(7).await else { return };
+    let app = tasks(App::builder())
+        .broker_url(&url)
+        .set("broker_transport_options", toml::Value::Table(toml::toml! { global_keyprefix = "shop:" }))
+        .set("result_backend_transport_options", toml::Value::Table(toml::toml! { global_keyprefix = "shop" }))
+        .build()
+        .await
+        .unwrap();
+    let (shutdown, worker) = start_worker(&app, 1);
+    let r = add::delay(&app, 20, 22).await.unwrap();
+    assert_eq!(r.get::<i64>(Duration::from_secs(10)).await.unwrap(), 42);
+    shutdown.graceful();
+    worker.await.unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    assert!(keys.contains(&"shop:_kombu.binding.celery".to_owned()), "{keys:?}");
+    assert!(keys.contains(&format!("shop_celery-task-meta-{}", r.id())), "the backend adds Celery's `_`: {keys:?}");
+    assert!(keys.iter().all(|k| k.starts_with("shop")), "nothing outside the prefix: {keys:?}");
+}
+
+#[tokio::test]
 async fn get_times_out_with_a_clear_error() {
     let app = memory_app(tasks(App::builder())).await;
     let r = add::delay(&app, 1, 2).await.unwrap();

@@ -214,7 +214,7 @@ impl AppBuilder {
             None if config.result_backend_url() == config.broker_url && config.broker_url.starts_with("memory://") => {
                 backend::from_url("memory://").await?
             }
-            None => backend::from_url(config.result_backend_url()).await?,
+            None => backend::open(config.result_backend_url(), &config).await?,
         };
         let host = hostname();
         Ok(App {

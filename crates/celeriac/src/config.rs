@@ -23,6 +23,8 @@ pub struct Config {
     pub result_backend: Option<String>,
     /// Transport options: `visibility_timeout` (lease seconds), `polling_interval` (seconds).
     pub broker_transport_options: BTreeMap<String, toml::Value>,
+    /// Result backend options: `global_keyprefix` (Redis).
+    pub result_backend_transport_options: BTreeMap<String, toml::Value>,
     /// Seconds results are kept (default one day); 0 keeps them forever.
     pub result_expires: Option<f64>,
     /// Store name, args, kwargs, worker, retries and queue with results.
@@ -75,6 +77,7 @@ impl Default for Config {
             broker_url: DEFAULT_URL.to_owned(),
             result_backend: None,
             broker_transport_options: BTreeMap::new(),
+            result_backend_transport_options: BTreeMap::new(),
             result_expires: Some(86_400.0),
             result_extended: false,
             task_acks_late: false,

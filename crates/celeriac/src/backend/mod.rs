@@ -135,7 +135,22 @@ pub(crate) fn may_overwrite(old: Option<&State>) -> bool {
     old != Some(&State::Success)
 }
 
-/// Opens the backend a URL names: `memory://`, `sqlite://path`.
+/// Opens the backend a URL names (`memory://`, `sqlite://path`, `redis://host:port/db`) with
+/// the app's `result_backend_transport_options`.
+pub async fn open(url: &str, config: &crate::Config) -> Result<Arc<dyn ResultBackend>, BackendError> {
+    #[cfg(feature = "redis")]
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("redis+unix://") {
+        let prefix = match config.result_backend_transport_options.get("global_keyprefix") {
+            Some(toml::Value::String(p)) => Some(p.as_str()),
+            _ => None,
+        };
+        return Ok(Arc::new(redis::RedisBackend::connect(url, prefix).await?));
+    }
+    let _ = config;
+    from_url(url).await
+}
+
+/// Opens the backend a URL names: `memory://`, `sqlite://path`, `redis://host:port/db`.
 pub async fn from_url(url: &str) -> Result<Arc<dyn ResultBackend>, BackendError> {
     if url.starts_with("memory://") {
         return Ok(Arc::new(memory::MemoryBackend::new()));
