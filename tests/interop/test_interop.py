@@ -113,12 +113,6 @@ class TestPythonCallsRust:
         # Types survive too: a bool stays a bool, an int stays an int.
         assert json.dumps(got, sort_keys=True) == json.dumps(value, sort_keys=True)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="library bug: integers outside the i64/u64 range come back as floats "
-        "(2**64 -> 1.8446744073709552e+19): serde_json is built without `arbitrary_precision`, "
-        "so the worker parses them as f64",
-    )
     @pytest.mark.parametrize("value", [2**64, -(2**63) - 1, 10**30], ids=["2**64", "-2**63-1", "10**30"])
     def test_integers_beyond_64_bits(self, value):
         got = rust_echo.delay(value).get(timeout=TIMEOUT)
