@@ -22,6 +22,13 @@ What it does:
    ``.get()`` returned, the result tree, every stored task meta, and, from a
    Redis ``MONITOR`` connection, every message LPUSHed to the broker DB and
    every command sent to the backend DB by the worker (and its Lua scripts).
+5. events/: with PSUBSCRIBE on ``/9.celeryev/*`` and ``/9.celery.pidbox`` and
+   a ``MONITOR`` connection open, starts a worker with heartbeats and task
+   events on (``-E``), runs a successful, a failing and a retried task, a
+   revoked id, ``ping``, ``inspect().stats()`` and ``enable_events``, and
+   saves each pub/sub payload and each pidbox reply the worker LPUSHed to
+   ``<oid>.reply.celery.pidbox`` as ``tests/fixtures/events/<name>.json``,
+   with ``index.json`` giving each file's channel or list and a description.
 
 ``--only SECTION...`` picks sections; ``--out DIR`` writes under DIR instead
 of tests/fixtures (to check a capture without touching the committed files).
@@ -360,11 +367,17 @@ def capture_messages(only=None):
 # --------------------------------------------------------------------------
 
 
+# Worker options besides the pool, node name and log level (the results and
+# canvas sections): no gossip, mingle or heartbeat, so no events at all.
+QUIET_WORKER_FLAGS = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 class Worker:
     """A real `celery worker` subprocess, stopped by its own pid."""
 
-    def __init__(self, extended=False):
+    def __init__(self, extended=False, flags=QUIET_WORKER_FLAGS):
         self.extended = extended
+        self.flags = tuple(flags)
         self.proc = None
         self.logfile = None
 
@@ -382,7 +395,7 @@ class Worker:
         cmd = [str(celery_bin)] if celery_bin.exists() else [sys.executable, "-m", "celery"]
         cmd += [
             "-A", "fixture_tasks", "worker", "-P", "solo", "-c", "1",
-            "--without-gossip", "--without-mingle", "--without-heartbeat",
+            *self.flags,
             "-n", WORKER_NODENAME, "-l", "INFO",
         ]
         self.logfile = tempfile.NamedTemporaryFile(
@@ -1601,11 +1614,315 @@ def capture_canvas():
 
 
 # --------------------------------------------------------------------------
+# 5. Events and remote control (pidbox)
+# --------------------------------------------------------------------------
+#
+# events/<name>.json  one Redis pub/sub payload (a PUBLISH on /9.celeryev/<rk>
+#                     or /9.celery.pidbox) or one pidbox reply (the value the
+#                     worker LPUSHed to <oid>.reply.celery.pidbox), raw bytes
+# events/index.json   {file: {"channel" | "list": key, "description": text}}
+
+# Heartbeats on (worker-online/heartbeat/offline) and task events on (-E).
+EVENTS_WORKER_FLAGS = ("--without-gossip", "--without-mingle", "-E")
+EVENT_CHANNEL_PREFIX = f"/{BROKER_DB}.celeryev/"
+PIDBOX_CHANNEL = f"/{BROKER_DB}.celery.pidbox"
+REPLY_LIST_SUFFIX = ".reply.celery.pidbox"
+
+
+class PubSubRecorder:
+    """PSUBSCRIBEs the event and pidbox channels; a thread keeps every message
+    as (channel, payload bytes), in arrival order."""
+
+    def __init__(self):
+        self.client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=BROKER_DB)
+        self.pubsub = self.client.pubsub()
+        self.messages = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self):
+        patterns = [EVENT_CHANNEL_PREFIX + "*", PIDBOX_CHANNEL]
+        self.pubsub.psubscribe(*patterns)
+        # Wait for both confirmations: nothing published from now on is missed.
+        confirmed, deadline = 0, time.monotonic() + 10
+        while confirmed < len(patterns):
+            if time.monotonic() > deadline:
+                raise SystemExit("PSUBSCRIBE not confirmed")
+            msg = self.pubsub.get_message(timeout=1.0)
+            if msg is not None:
+                assert msg["type"] == "psubscribe", msg
+                confirmed += 1
+        self.thread = threading.Thread(target=self._run, name="redis-pubsub", daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while not self.stopping.is_set():
+            msg = self.pubsub.get_message(timeout=0.1)
+            if msg is None or msg["type"] != "pmessage":
+                continue
+            with self.lock:
+                self.messages.append((msg["channel"].decode(), msg["data"]))
+
+    def count(self):
+        with self.lock:
+            return len(self.messages)
+
+    def wait_for(self, pred, start=0, timeout=30.0, what="message"):
+        """Index of the first message at or after `start` for which pred(channel, raw)."""
+        deadline = time.monotonic() + timeout
+        i = start
+        while time.monotonic() < deadline:
+            with self.lock:
+                todo = self.messages[i:]
+            for channel, raw in todo:
+                if pred(channel, raw):
+                    return i
+                i += 1
+            time.sleep(0.02)
+        raise SystemExit(f"no {what} on pub/sub within {timeout} s")
+
+    def get(self, i):
+        with self.lock:
+            return self.messages[i]
+
+    def between(self, start, end):
+        with self.lock:
+            return list(self.messages[start:end])
+
+    def stop(self):
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout=5)
+        try:
+            self.pubsub.close()
+        finally:
+            self.client.close()
+        self.thread = None
+
+
+def decode_envelope(raw):
+    env = json.loads(raw)
+    assert env["properties"]["body_encoding"] == "base64", env
+    return env, json.loads(base64.b64decode(env["body"]))
+
+
+def events_in(channel, raw):
+    """The event dicts of a celeryev payload (a task.multi body is a list)."""
+    if not channel.startswith(EVENT_CHANNEL_PREFIX):
+        return []
+    _, body = decode_envelope(raw)
+    return body if isinstance(body, list) else [body]
+
+
+def is_event(type_, uuid_=None):
+    def pred(channel, raw):
+        return any(
+            e.get("type") == type_ and (uuid_ is None or e.get("uuid") == uuid_)
+            for e in events_in(channel, raw)
+        )
+    return pred
+
+
+def is_pidbox_request(method):
+    def pred(channel, raw):
+        return channel == PIDBOX_CHANNEL and decode_envelope(raw)[1].get("method") == method
+    return pred
+
+
+def scrub_event_paths(name, raw):
+    """Cut the repository prefix out of "traceback" strings of task events.
+
+    The prefix sits inside the base64 body, so the body's JSON text is edited
+    (only inside "traceback" values, checked) and base64-encoded again; the
+    rest of the envelope keeps its bytes.
+    """
+    repo = str(REPO).encode()
+    env, body = decode_envelope(raw)
+    text = base64.b64decode(env["body"])
+    if REPO_PREFIX_JSON not in text:
+        if repo in raw or repo in text:
+            raise SystemExit(f"{name}: repository path in {raw!r}")
+        return raw
+    events = body if isinstance(body, list) else [body]
+    for e in events:
+        outside = {k: v for k, v in e.items() if k != "traceback"}
+        if str(REPO) in json.dumps(outside):
+            raise SystemExit(f"{name}: repository path outside a traceback: {e!r}")
+    new_text = text.replace(REPO_PREFIX_JSON, b"")
+    new_body = json.loads(new_text)
+    new_events = new_body if isinstance(new_body, list) else [new_body]
+    assert len(new_events) == len(events), name
+    for old, new in zip(events, new_events):
+        assert {k: v for k, v in new.items() if k != "traceback"} == {
+            k: v for k, v in old.items() if k != "traceback"}, name
+        if "traceback" in old:
+            assert new["traceback"] == old["traceback"].replace(str(REPO) + os.sep, ""), name
+    old_b64 = env["body"].encode()
+    assert base64.b64encode(text) == old_b64, name  # kombu's base64 is canonical
+    needle = b'"body": "' + old_b64 + b'"'
+    assert raw.count(needle) == 1, name
+    out = raw.replace(needle, b'"body": "' + base64.b64encode(new_text) + b'"')
+    new_env = json.loads(out)
+    assert {k: v for k, v in new_env.items() if k != "body"} == {
+        k: v for k, v in env.items() if k != "body"}, name
+    if repo in out or repo in new_text:
+        raise SystemExit(f"{name}: repository path left after scrubbing")
+    return out
+
+
+def describe_events(channel, raw):
+    return ", ".join(e["type"] for e in events_in(channel, raw))
+
+
+# (case, what was run, apply(task_id), the task's last event)
+EVENT_TASK_CASES = [
+    ("success", "add(2, 3)",
+     lambda i: T.add.apply_async((2, 3), task_id=i), "task-succeeded"),
+    ("failure", "fail() raising KeyError('nope')",
+     lambda i: T.fail.apply_async(task_id=i), "task-failed"),
+    ("retry", "retry_twice(countdown=0, with_exc=True): two retries, then success",
+     lambda i: T.retry_twice.apply_async(kwargs={"countdown": 0, "with_exc": True}, task_id=i),
+     "task-succeeded"),
+]
+
+
+def capture_events():
+    log("== events (worker -E: celeryev and pidbox pub/sub, pidbox replies)")
+    out_dir = FIXTURES / "events"
+    flush()
+    files, index = {}, {}
+
+    def save(name, kind, key, description, raw):
+        fname = f"{name}.json"
+        assert fname not in files, fname
+        files[fname] = scrub_event_paths(name, raw)
+        index[fname] = {kind: key, "description": description}
+
+    def save_published(name, i, description):
+        channel, raw = sub.get(i)
+        save(name, "channel", channel, description, raw)
+
+    def control(name, call, method, description, reply_description=None):
+        """Run `call`, save the pidbox request it published and, if it asked
+        for replies, the reply the worker LPUSHed (seen by MONITOR)."""
+        start = sub.count()
+        monitor.take()
+        got = call()
+        i = sub.wait_for(is_pidbox_request(method), start, what=f"{method} request")
+        channel, raw = sub.get(i)
+        save(f"pidbox_{name}_request", "channel", channel, description, raw)
+        commands = monitor.take()
+        published = [a for _, _, a in commands if a[0].upper() == b"PUBLISH"
+                     and a[1].decode() == channel and a[2] == raw]
+        assert len(published) == 1, f"{name}: PUBLISH not seen once by MONITOR"
+        _, body = decode_envelope(raw)
+        if reply_description is None:
+            assert "ticket" not in body and "reply_to" not in body, body
+            return got
+        replies = [
+            (a[1].decode(), a[2]) for _, _, a in commands
+            if a[0].upper() == b"LPUSH" and a[1].decode().endswith(REPLY_LIST_SUFFIX)
+            and json.loads(a[2])["headers"].get("ticket") == body["ticket"]
+        ]
+        assert len(replies) == 1, f"{name}: {len(replies)} replies"
+        key, value = replies[0]
+        assert key == body["reply_to"]["routing_key"] + REPLY_LIST_SUFFIX, key
+        save(f"pidbox_{name}_reply", "list", key, reply_description, value)
+        return got
+
+    sub = PubSubRecorder()
+    monitor = RedisMonitor()
+    worker = Worker(flags=EVENTS_WORKER_FLAGS)
+    try:
+        sub.start()
+        monitor.start()
+        worker.start()
+
+        i = sub.wait_for(is_event("worker-online"), what="worker-online")
+        save_published("worker-online", i, "worker-online, sent when the worker starts")
+        i = sub.wait_for(is_event("worker-heartbeat"), i + 1, what="worker-heartbeat")
+        save_published("worker-heartbeat", i, "first worker-heartbeat (every 2 s), no task run yet")
+
+        for case, what, apply, last in EVENT_TASK_CASES:
+            task_id = tid(f"events.{case}")
+            start = sub.count()
+            apply(task_id)
+            end = sub.wait_for(is_event(last, task_id), start, what=f"{case} {last}")
+            n = 0
+            for channel, raw in sub.between(start, end + 1):
+                if not channel.startswith(EVENT_CHANNEL_PREFIX + "task."):
+                    continue
+                assert all(e.get("uuid") == task_id for e in events_in(channel, raw)), case
+                save(f"task_events_{case}_{n}", "channel", channel,
+                     f"{what}, batch {n}: {describe_events(channel, raw)}", raw)
+                n += 1
+
+        # Revoke an id, then send a task with that id: the worker drops it
+        # with a task-revoked event.
+        revoked_id = tid("events.revoked")
+        control("revoke", lambda: T.app.control.revoke(revoked_id), "revoke",
+                "app.control.revoke(<id>) (broadcast, no reply asked)")
+        wait_meta(revoked_id, ("REVOKED",))
+        start = sub.count()
+        T.add.apply_async((2, 3), task_id=revoked_id)
+        end = sub.wait_for(is_event("task-revoked", revoked_id), start, what="task-revoked")
+        n = 0
+        for channel, raw in sub.between(start, end + 1):
+            if channel.startswith(EVENT_CHANNEL_PREFIX + "task."):
+                save(f"task_events_revoked_{n}", "channel", channel,
+                     "add(2, 3) sent with an id revoked before, batch "
+                     f"{n}: {describe_events(channel, raw)}", raw)
+                n += 1
+
+        got = control("ping", T.app.control.ping, "ping",
+                      "app.control.ping() (to all workers, replies asked)",
+                      "reply to app.control.ping()")
+        assert got == [{WORKER_NODENAME: {"ok": "pong"}}], got
+        got = control("ping_destination",
+                      lambda: T.app.control.ping(destination=[WORKER_NODENAME]), "ping",
+                      f"app.control.ping(destination=[{WORKER_NODENAME!r}])",
+                      "reply to the ping with a destination")
+        assert got == [{WORKER_NODENAME: {"ok": "pong"}}], got
+        got = control("stats", lambda: T.app.control.inspect().stats(), "stats",
+                      "app.control.inspect().stats()",
+                      "reply to inspect().stats(), after the tasks above")
+        assert set(got) == {WORKER_NODENAME}, got
+        control("enable_events", T.app.control.enable_events, "enable_events",
+                "app.control.enable_events() (broadcast, no reply asked)")
+
+        i = sub.wait_for(is_event("worker-heartbeat"), sub.count(), what="worker-heartbeat")
+        save_published("worker-heartbeat_after_tasks", i,
+                       "a worker-heartbeat after the tasks above (processed > 0)")
+        start = sub.count()
+        worker.stop()
+        i = sub.wait_for(is_event("worker-offline"), start, what="worker-offline")
+        save_published("worker-offline", i, "worker-offline, sent on warm shutdown (SIGTERM)")
+    finally:
+        worker.stop()
+        monitor.stop()
+        sub.stop()
+        flush()
+
+    # Replace the directory's contents: file names depend on how Celery
+    # batched the task events.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.json"):
+        old.unlink()
+    for fname, data in files.items():
+        write_bytes(out_dir / fname, data)
+    text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
+    if str(REPO) in text:
+        raise SystemExit("repository path in events/index.json")
+    write_bytes(out_dir / "index.json", text.encode("utf-8"))
+
+
+# --------------------------------------------------------------------------
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sections = ["messages", "results", "backoff", "canvas"]
+    sections = ["messages", "results", "backoff", "canvas", "events"]
     ap.add_argument("--only", nargs="+", choices=sections, default=sections)
     ap.add_argument(
         "--out", metavar="DIR", default=None,
@@ -1638,6 +1955,8 @@ def main():
             capture_backoff()
         if "canvas" in args.only:
             capture_canvas()
+        if "events" in args.only:
+            capture_events()
     finally:
         try:
             T.app.close()

@@ -5,8 +5,9 @@
 #
 # Builds the interop worker and the celeriac CLI, creates (or reuses) the pinned venv, checks
 # Redis at 127.0.0.1:6379, flushes DB 12 (INTEROP_REDIS_DB to change it) and runs
-# tests/interop/test_interop.py. Without Redis it prints "SKIPPED: ..." and exits 0, unless
-# CELERIAC_REQUIRE_SERVICES=1 (then it fails). Every process it starts is stopped on exit.
+# tests/interop/test_interop.py and test_control.py (inspect, control, Flower). Without Redis
+# it prints "SKIPPED: ..." and exits 0, unless CELERIAC_REQUIRE_SERVICES=1 (then it fails).
+# Every process it starts is stopped on exit.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -76,12 +77,13 @@ fi
 # 2. Binaries (one cargo build; it waits for the lock if another build runs).
 cd "$REPO"
 echo "interop: building the interop worker and the celeriac CLI" >&2
-cargo build --quiet -p celeriac --example interop_worker --example interop_client -p celeriac-cli
+# (--bin: the --example flags would otherwise leave celeriac-cli's binary unbuilt.)
+cargo build --quiet -p celeriac --example interop_worker --example interop_client -p celeriac-cli --bin celeriac
 TARGET_DIR="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
 export INTEROP_WORKER_BIN="$TARGET_DIR/debug/examples/interop_worker"
 export INTEROP_CELERIAC_BIN="$TARGET_DIR/debug/celeriac"
 
-# 3. The pinned venv (celery 5.7.0, pytest).
+# 3. The pinned venv (celery 5.7.0, flower 2.2.0, pytest).
 PY="$("$HERE/venv.sh")"
 
 # 4. A dedicated, empty DB.
@@ -93,7 +95,7 @@ export PYTHONDONTWRITEBYTECODE=1
 cd "$HERE"
 set +e
 "$PY" -m pytest -p no:cacheprovider --timeout 60 -v -rfEsxX --basetemp "$RUN_DIR/pytest" \
-    test_interop.py "$@" &
+    test_interop.py test_control.py "$@" &
 PYTEST_PID=$!
 wait "$PYTEST_PID"
 status=$?

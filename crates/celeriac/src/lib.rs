@@ -28,6 +28,9 @@
 //! Modules follow the path of a message: [`canvas`] (client side) → [`protocol`] (wire
 //! formats) → [`broker`] → [`worker`] (consumer → executor → task) → [`backend`] → [`result`].
 
+// `#[task]` expands to `::celeriac::...` paths; this makes them resolve inside the crate too.
+extern crate self as celeriac;
+
 pub mod app;
 pub mod backend;
 pub mod broker;

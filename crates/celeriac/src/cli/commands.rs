@@ -20,6 +20,9 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
     if let Some(b) = &cli.backend {
         builder = builder.result_backend(b);
     }
+    if matches!(cli.command, Command::Bench { .. }) {
+        builder = super::bench::register(builder);
+    }
     let app = builder.build().await?;
     match cli.command {
         Command::Worker(args) => worker(&app, args).await,
@@ -43,6 +46,11 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
         }
         Command::Dlq { action } => dlq(&app, action).await,
         Command::Inspect { what } => inspect(&app, what).await,
+        Command::Bench { scenario, tasks, concurrency } => {
+            let figures = super::bench::run(&app, &scenario, tasks, concurrency).await?;
+            super::bench::report(&app.broker().url(), &figures);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! }
 //! ```
 
+pub mod bench;
 mod commands;
 
 use crate::app::AppBuilder;
@@ -82,6 +83,18 @@ pub enum Command {
         /// What to do with it.
         #[command(subcommand)]
         action: DlqAction,
+    },
+    /// Measure throughput and latency against the configured broker (checks every count).
+    Bench {
+        /// enqueue, noop, results, acks-late, latency, chain, chord, or all.
+        #[arg(long, default_value = "all")]
+        scenario: String,
+        /// Tasks per scenario.
+        #[arg(long, default_value_t = 20_000)]
+        tasks: u64,
+        /// Worker concurrency.
+        #[arg(long, short = 'c', default_value_t = 64)]
+        concurrency: usize,
     },
     /// Look at queues and this binary's tasks.
     Inspect {

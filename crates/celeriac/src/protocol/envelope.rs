@@ -79,4 +79,16 @@ mod tests {
         assert_eq!(back, e);
         assert!(Envelope::from_wire(b"nope").is_none());
     }
+
+    #[test]
+    fn floats_made_in_rust_are_written_as_python_writes_them() {
+        let body = serde_json::json!({"runtime": 5e-05, "tiny": 1e-07, "big": 1e16, "t": 1795612203.4737475, "n": 2});
+        let mut headers = Map::new();
+        headers.insert("expires".into(), 1e-05.into());
+        let e = Envelope::new(body, headers, "celeryev", "task.multi", 1);
+        let wire: Value = serde_json::from_slice(&e.to_wire()).unwrap();
+        let text = String::from_utf8(BASE64.decode(wire["body"].as_str().unwrap()).unwrap()).unwrap();
+        assert_eq!(text, r#"{"runtime": 5e-05, "tiny": 1e-07, "big": 1e+16, "t": 1795612203.4737475, "n": 2}"#);
+        assert!(String::from_utf8(e.to_wire()).unwrap().contains(r#""headers": {"expires": 1e-05}"#));
+    }
 }

@@ -51,6 +51,16 @@ impl Formatter for PythonFormatter {
         self.write_f64(w, f64::from(value))
     }
 
+    /// Numbers kept as text (serde_json's `arbitrary_precision`): integers as they are, floats
+    /// in Python's repr.
+    fn write_number_str<W: ?Sized + io::Write>(&mut self, w: &mut W, value: &str) -> io::Result<()> {
+        let is_float = value.contains(['.', 'e', 'E']);
+        match value.parse::<f64>() {
+            Ok(f) if is_float && f.is_finite() => w.write_all(python_float_repr(f).as_bytes()),
+            _ => w.write_all(value.as_bytes()),
+        }
+    }
+
     fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
         // serde_json has already escaped `"`, `\` and the C0 controls. Python escapes every
         // character outside ' '..='~' (`ESCAPE_ASCII`): that leaves DEL (0x7f) and non-ASCII to us.

@@ -7,8 +7,9 @@ use super::Shutdown;
 use super::events::Events;
 use super::state::WorkerState;
 use crate::app::App;
-use crate::protocol::{Envelope, ExceptionInfo, ResultMeta, State};
+use crate::protocol::{Envelope, ExceptionInfo, ResultMeta, State, args_repr, py_repr};
 use serde_json::{Map, Value, json};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -45,6 +46,19 @@ fn ok(text: impl Into<String>) -> Value {
     json!({"ok": text.into()})
 }
 
+fn nok(text: impl Into<String>) -> Value {
+    json!({"error": text.into()})
+}
+
+/// A string or a list of strings (Celery's variadic arguments), as a list.
+fn strings(value: Option<&Value>) -> Vec<String> {
+    match value {
+        Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        Some(Value::String(s)) => vec![s.clone()],
+        _ => Vec::new(),
+    }
+}
+
 impl Control {
     fn for_me(&self, body: &Value) -> bool {
         match body.get("destination") {
@@ -74,6 +88,12 @@ impl Control {
                 tracing::warn!(error = %e, "could not reply to remote control");
             }
         }
+        if method == "shutdown" {
+            // After the reply: the shutdown stops this listener. (Celery's worker exits without
+            // replying; answering first lets `celery control shutdown` report success.)
+            tracing::warn!("shutdown requested by remote control");
+            self.shutdown.graceful();
+        }
     }
 
     /// The answer to one command (`None`: no reply at all).
@@ -81,27 +101,43 @@ impl Control {
         let text = |k: &str| args.get(k).and_then(Value::as_str).map(str::to_owned);
         Some(match method {
             "ping" => ok("pong"),
-            "registered" => Value::from(self.app.task_names()),
-            "active" => Value::from(self.state.running()),
-            "reserved" => Value::from(self.state.reserved()),
-            "scheduled" => json!([]),
-            "revoked" => Value::from(self.state.revoked_ids()),
+            "registered" | "dump_tasks" => Value::from(self.registered(&strings(args.get("taskinfoitems")))),
+            "active" | "dump_active" => {
+                let safe = args.get("safe").and_then(Value::as_bool).unwrap_or(false);
+                Value::from(
+                    self.state.running().into_iter().map(|i| if safe { safe_info(i) } else { i }).collect::<Vec<_>>(),
+                )
+            }
+            "reserved" | "dump_reserved" => Value::from(self.state.reserved()),
+            // ETA and countdown tasks wait in the broker, not in the worker: none is held here.
+            "scheduled" | "dump_schedule" => json!([]),
+            "revoked" | "dump_revoked" => Value::from(self.state.revoked_ids()),
             "active_queues" => Value::from(self.state.queues().iter().map(|q| queue_info(q)).collect::<Vec<_>>()),
             "stats" => self.stats(),
-            "conf" => serde_json::to_value(self.app.config()).unwrap_or(Value::Null),
+            "conf" | "dump_conf" => censor(serde_json::to_value(self.app.config()).unwrap_or(Value::Null)),
             "clock" => json!({"clock": self.state.clock.load(Ordering::Relaxed)}),
             "report" => json!({"ok": format!("celeriac {} on {}", env!("CARGO_PKG_VERSION"), self.state.hostname)}),
-            "hello" => json!({"revoked": {}, "clock": self.state.clock.load(Ordering::Relaxed)}),
+            "hello" => {
+                // Mingle: take the other node's revoked ids, answer with ours (oldest first).
+                if text("from_node").as_deref() == Some(self.state.hostname.as_str()) {
+                    return Some(Value::Null);
+                }
+                for id in strings(args.get("revoked")) {
+                    self.state.revoke(&id);
+                }
+                json!({"revoked": self.state.revoked_ids(), "clock": self.state.tick()})
+            }
             "query_task" => {
-                let ids: Vec<String> = match args.get("ids") {
-                    Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    Some(Value::String(s)) => vec![s.clone()],
-                    _ => Vec::new(),
-                };
+                let ids = strings(args.get("ids"));
                 let mut found = Map::new();
-                for info in self.state.running() {
-                    if let Some(id) = info.get("id").and_then(Value::as_str).filter(|id| ids.iter().any(|x| x == id)) {
-                        found.insert(id.to_owned(), json!(["active", info]));
+                let listed = [("active", self.state.running()), ("reserved", self.state.reserved())];
+                for (kind, infos) in listed {
+                    for info in infos {
+                        if let Some(id) =
+                            info.get("id").and_then(Value::as_str).filter(|id| ids.iter().any(|x| x == id))
+                        {
+                            found.entry(id.to_owned()).or_insert_with(|| json!([kind, info]));
+                        }
                     }
                 }
                 Value::Object(found)
@@ -115,34 +151,21 @@ impl Control {
                 ok(if was { "task events disabled" } else { "task events already disabled" })
             }
             "heartbeat" => {
+                // Celery's handler returns None, and kombu still replies `{"<node>": null}`.
                 self.events.heartbeat((self.processed)()).await;
-                return None;
+                Value::Null
             }
             "revoke" | "terminate" => {
-                let ids: Vec<String> = match args.get("task_id") {
-                    Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
-                    Some(Value::String(s)) => vec![s.clone()],
-                    _ => Vec::new(),
-                };
+                let ids = strings(args.get("task_id"));
                 let terminate =
                     method == "terminate" || args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
-                for id in &ids {
-                    self.state.revoke(id);
-                    if terminate {
-                        self.state.terminate(id);
-                    }
-                    // Celery 5.6+ stores REVOKED at once, even for ids this worker never saw.
-                    let mut meta = ResultMeta::exception(id, State::Revoked, &ExceptionInfo::revoked("revoked"), None);
-                    meta.children = None;
-                    let _ = self.app.backend().store(&meta, self.app.config().result_expires_duration()).await;
-                }
-                ok(format!("tasks {} flagged as revoked", ids.join(", ")))
+                return Some(self.revoke(&ids, terminate).await);
             }
             "rate_limit" => {
-                let Some(task) = text("task_name") else { return Some(json!({"error": "task_name is required"})) };
-                if self.app.task(&task).is_none() {
-                    return Some(json!({"error": format!("unknown task {task}")}));
-                }
+                let Some(task) = text("task_name").filter(|t| self.app.task(t).is_some()) else {
+                    tracing::error!(task = ?text("task_name"), "rate limit attempt for unknown task");
+                    return Some(nok("unknown task"));
+                };
                 let rate = args.get("rate_limit").and_then(|v| match v {
                     Value::String(s) => Some(s.clone()),
                     Value::Number(n) => Some(n.to_string()),
@@ -151,21 +174,23 @@ impl Control {
                 if let Some(r) = rate.as_deref().filter(|r| !r.is_empty() && *r != "0")
                     && let Err(e) = super::RateLimit::parse(r)
                 {
-                    return Some(json!({"error": format!("invalid rate limit string: {e}")}));
+                    return Some(nok(format!("Invalid rate limit string: {e}")));
                 }
+                // Celery: an empty rate disables the limit; "0" is a rate of no limit.
                 let off = rate.as_deref().is_none_or(|r| r.is_empty() || r == "0");
                 self.state.set_rate_limit(&task, if off { None } else { rate.clone() });
-                ok(if off {
+                tracing::info!(task, rate = ?rate, "new rate limit set by remote control");
+                ok(if rate.as_deref().is_none_or(str::is_empty) {
                     "rate limit disabled successfully".to_owned()
                 } else {
                     "new rate limit set successfully".to_owned()
                 })
             }
             "time_limit" => {
-                let Some(task) = text("task_name") else { return Some(json!({"error": "task_name is required"})) };
-                if self.app.task(&task).is_none() {
-                    return Some(json!({"error": format!("unknown task {task}")}));
-                }
+                let Some(task) = text("task_name").filter(|t| self.app.task(t).is_some()) else {
+                    tracing::error!(task = ?text("task_name"), "time limit change for unknown task");
+                    return Some(nok("unknown task"));
+                };
                 let num = |k: &str| args.get(k).and_then(Value::as_f64);
                 self.state.set_time_limits(&task, num("hard"), num("soft"));
                 ok("time limits set successfully")
@@ -183,13 +208,108 @@ impl Control {
                 self.state.queues.write().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|q| *q != queue);
                 ok(format!("no longer consuming from {queue}"))
             }
-            "shutdown" => {
-                tracing::warn!("shutdown requested by remote control");
-                self.shutdown.graceful();
-                ok("Warm shutdown")
-            }
+            // The shutdown itself starts once the reply is sent (see `handle`).
+            "shutdown" => ok("Warm shutdown"),
             other => json!({"error": format!("KeyError('{other}')")}),
         })
+    }
+
+    /// Celery 5.7's `_revoke`: remembers the ids (a revoked task that reaches this worker
+    /// later is not run), stores REVOKED for those that have not started anywhere (no record,
+    /// PENDING, RECEIVED, RETRY or REJECTED; a task running here or elsewhere keeps its state,
+    /// a finished one its result), and with `terminate` stops those running or waiting here.
+    async fn revoke(&self, ids: &[String], terminate: bool) -> Value {
+        let mut unique: Vec<&str> = Vec::new();
+        for id in ids {
+            if !unique.contains(&id.as_str()) {
+                unique.push(id);
+            }
+        }
+        for id in &unique {
+            self.state.revoke(id);
+        }
+        let running: HashSet<String> = ids_of(self.state.running());
+        let backend = self.app.backend();
+        for id in unique.iter().filter(|id| !running.contains(**id)) {
+            let stored = match backend.get(id).await {
+                Ok(meta) => meta.map_or(State::Pending, |m| m.status),
+                Err(e) => {
+                    tracing::warn!(task_id = %id, error = %e, "failed to mark task as revoked in the backend");
+                    continue;
+                }
+            };
+            if !matches!(stored, State::Pending | State::Received | State::Retry | State::Rejected) {
+                continue;
+            }
+            let mut meta = ResultMeta::exception(*id, State::Revoked, &ExceptionInfo::revoked("revoked"), None);
+            meta.children = None;
+            if let Err(e) = backend.store(&meta, self.app.config().result_expires_duration()).await {
+                tracing::warn!(task_id = %id, error = %e, "failed to mark task as revoked in the backend");
+            }
+        }
+        if terminate {
+            let reserved = ids_of(self.state.reserved());
+            // A reserved one is stopped too: it is revoked, so it will not start.
+            let terminated: Vec<&str> =
+                unique.iter().copied().filter(|id| self.state.terminate(id) || reserved.contains(*id)).collect();
+            if terminated.is_empty() {
+                return ok("terminate: tasks unknown");
+            }
+            tracing::info!(tasks = %terminated.join(", "), "terminating by remote control");
+            return ok(format!("terminate: {}", terminated.join(", ")));
+        }
+        tracing::info!(tasks = %unique.join(", "), "tasks flagged as revoked");
+        // Celery formats the ids as a Python set.
+        let set = if unique.is_empty() {
+            "set()".to_owned()
+        } else {
+            let items: Vec<String> = unique.iter().map(|id| py_repr(&Value::from(*id))).collect();
+            format!("{{{}}}", items.join(", "))
+        };
+        ok(format!("tasks {set} flagged as revoked"))
+    }
+
+    /// Celery's `registered`: sorted names, each followed by `[attr=value ...]` for the
+    /// requested attributes that are set (default: `exchange`, `routing_key`, `rate_limit`).
+    fn registered(&self, items: &[String]) -> Vec<String> {
+        let items: Vec<&str> = if items.is_empty() {
+            vec!["exchange", "routing_key", "rate_limit"]
+        } else {
+            items.iter().map(String::as_str).filter(|i| !i.starts_with('_')).collect()
+        };
+        self.app
+            .task_names()
+            .into_iter()
+            .filter(|name| !name.starts_with("celery."))
+            .map(|name| {
+                let fields: Vec<String> =
+                    items.iter().filter_map(|item| Some(format!("{item}={}", self.task_attr(&name, item)?))).collect();
+                if fields.is_empty() { name } else { format!("{name} [{}]", fields.join(" ")) }
+            })
+            .collect()
+    }
+
+    /// `str(getattr(task, item))` as Celery shows it, with the limits changed at run time;
+    /// `None` where Celery's attribute would be `None` (or is unknown).
+    fn task_attr(&self, name: &str, item: &str) -> Option<String> {
+        let o = self.app.task(name)?.options();
+        let c = self.app.config();
+        let py_bool = |b: bool| if b { "True" } else { "False" }.to_owned();
+        let limits = self.state.time_limits(name);
+        match item {
+            "name" => Some(name.to_owned()),
+            "rate_limit" => self.state.rate_limit(name).unwrap_or(o.rate_limit),
+            "time_limit" => limits.and_then(|(hard, _)| hard).or(o.time_limit).map(|v| v.to_string()),
+            "soft_time_limit" => limits.and_then(|(_, soft)| soft).or(o.soft_time_limit).map(|v| v.to_string()),
+            "queue" => o.queue,
+            "priority" => o.priority.map(|p| p.to_string()),
+            "acks_late" => Some(py_bool(o.acks_late.unwrap_or(c.task_acks_late))),
+            "ignore_result" => Some(py_bool(o.ignore_result.unwrap_or(c.task_ignore_result))),
+            "track_started" => Some(py_bool(o.track_started.unwrap_or(c.task_track_started))),
+            "max_retries" => o.retry.max_retries.map(|n| n.to_string()),
+            "default_retry_delay" => Some(o.retry.default_retry_delay.to_string()),
+            _ => None,
+        }
     }
 
     fn stats(&self) -> Value {
@@ -215,7 +335,8 @@ impl Control {
                 "hostname": hostname, "userid": null, "virtual_host": host.split('/').nth(1).unwrap_or("0"),
                 "port": port.parse::<u16>().unwrap_or(0), "insist": false, "ssl": matches!(transport, "rediss" | "amqps"),
                 "transport": transport, "connect_timeout": 4, "transport_options": {}, "login_method": null,
-                "uri_prefix": null, "heartbeat": 0.0, "failover_strategy": "round-robin", "alternates": []
+                "uri_prefix": null, "heartbeat": 0.0, "failover_strategy": "round-robin", "alternates": [],
+                "credential_provider": null
             },
             "prefetch_count": self.prefetch,
             "rusage": rusage(),
@@ -234,6 +355,59 @@ fn rusage() -> Value {
            "nswap": 0, "inblock": 0, "oublock": 0, "msgsnd": 0, "msgrcv": 0, "nsignals": 0, "nvcsw": 0, "nivcsw": 0})
 }
 
+/// The ids of request infos.
+fn ids_of(infos: Vec<Value>) -> HashSet<String> {
+    infos.iter().filter_map(|i| i.get("id")?.as_str().map(str::to_owned)).collect()
+}
+
+/// `Request.info(safe=True)` (Flower asks `active` so): arguments as their reprs.
+fn safe_info(mut info: Value) -> Value {
+    if let Value::Object(m) = &mut info {
+        if let Some(Value::Array(args)) = m.get("args") {
+            let repr = args_repr(args);
+            m.insert("args".into(), repr.into());
+        }
+        if let Some(kwargs @ Value::Object(_)) = m.get("kwargs") {
+            let repr = py_repr(kwargs);
+            m.insert("kwargs".into(), repr.into());
+        }
+    }
+    info
+}
+
+const MASK: &str = "********";
+
+/// Celery's `filter_hidden_settings` for `conf` replies: settings whose names look secret are
+/// masked, and so are passwords in broker and backend URLs.
+fn censor(value: Value) -> Value {
+    const HIDDEN: [&str; 8] = ["API", "TOKEN", "KEY", "SECRET", "PASS", "PROFANITIES_LIST", "SIGNATURE", "DATABASE"];
+    let Value::Object(map) = value else { return value };
+    let censored = map.into_iter().map(|(key, v)| {
+        let upper = key.to_uppercase();
+        let v = match v {
+            Value::Object(_) => censor(v),
+            _ if HIDDEN.iter().any(|w| upper.contains(w)) => MASK.into(),
+            Value::String(url) if upper.contains("BROKER_URL") || upper.contains("BACKEND") => {
+                mask_password(&url).into()
+            }
+            other => other,
+        };
+        (key, v)
+    });
+    Value::Object(censored.collect())
+}
+
+/// `scheme://user:********@host...` (unchanged without a password).
+fn mask_password(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{user}:{MASK}{}", &url[..s + 3], &url[at..]),
+            None => url.to_owned(),
+        },
+        _ => url.to_owned(),
+    }
+}
+
 /// kombu's `Queue.as_dict(recurse=True)` for a direct queue of that name.
 fn queue_info(name: &str) -> Value {
     json!({
@@ -245,4 +419,47 @@ fn queue_info(name: &str) -> Value {
         "bindings": [], "no_declare": null, "expires": null, "message_ttl": null, "max_length": null,
         "max_length_bytes": null, "max_priority": null
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conf_replies_hide_secrets_as_celery_does() {
+        let conf = json!({
+            "broker_url": "redis://user:s3cret@h:6379/0",
+            "result_backend": "redis://:pw@h:6379/1",
+            "broker_transport_options": {"sentinel_kwargs": {"password": "x"}, "visibility_timeout": 60},
+            "task_routes": {"a.*": "q"},
+            "task_default_queue": "celery",
+            "result_backend_transport_options": {},
+        });
+        assert_eq!(
+            censor(conf),
+            json!({
+                "broker_url": "redis://user:********@h:6379/0",
+                "result_backend": "redis://:********@h:6379/1",
+                "broker_transport_options": {"sentinel_kwargs": {"password": "********"}, "visibility_timeout": 60},
+                "task_routes": {"a.*": "q"},
+                "task_default_queue": "celery",
+                "result_backend_transport_options": {},
+            })
+        );
+        assert_eq!(mask_password("redis://h:6379/0"), "redis://h:6379/0");
+        assert_eq!(mask_password("sqlite://data.db"), "sqlite://data.db");
+    }
+
+    #[test]
+    fn safe_info_shows_argument_reprs() {
+        let info = json!({"id": "i", "args": [1, "a"], "kwargs": {"k": true}});
+        assert_eq!(safe_info(info), json!({"id": "i", "args": "(1, 'a')", "kwargs": "{'k': True}"}));
+    }
+
+    #[test]
+    fn variadic_arguments_are_lists() {
+        assert_eq!(strings(Some(&json!(["a", "b"]))), ["a", "b"]);
+        assert_eq!(strings(Some(&json!("a"))), ["a"]);
+        assert!(strings(None).is_empty());
+    }
 }
