@@ -77,7 +77,8 @@ fn every_frozen_celery_form_parses() {
 
 /// The first message a Rust client sends for a chain carries the same body as Celery's
 /// (`messages/chain3.json`): the rest of the chain in `embed.chain`, last step first, with the
-/// pre-assigned task ids. (`reply_to` is a Python client's result queue; Celeriac sends none.)
+/// pre-assigned task ids. (`reply_to` is each client's own id, as Celery's `thread_oid`: it
+/// differs between the two and is compared apart.)
 #[tokio::test]
 async fn a_rust_chain_message_matches_celerys() {
     use celeriac::protocol::{Message, TaskBody};
@@ -103,7 +104,11 @@ async fn a_rust_chain_message_matches_celerys() {
     let sent = app.broker().fetch(&["celery".to_owned()], 10, std::time::Duration::ZERO).await.unwrap();
     assert_eq!(sent.len(), 1, "only the first step is published");
     let ours = Message::from_wire(&sent[0].payload).unwrap();
-    let ours_body: TaskBody = ours.task_body().unwrap();
+    let mut ours_body: TaskBody = ours.task_body().unwrap();
+    for s in ours_body.embed.as_mut().unwrap().chain.as_mut().unwrap().iter_mut() {
+        assert_eq!(s.options.remove("reply_to"), Some(app.oid().into()), "steps carry the sender's reply_to");
+    }
+    assert_eq!(ours.properties.reply_to.as_deref(), Some(app.oid()));
     assert_eq!(String::from_utf8(ours_body.to_wire()).unwrap(), String::from_utf8(celery_body.to_wire()).unwrap());
     assert_eq!(ours.headers.task, celery.headers.task);
     assert_eq!(ours.headers.root_id, celery.headers.root_id);

@@ -89,7 +89,7 @@ async fn run_case(name: &str) {
             let key = args[0].as_str().unwrap();
             if let Some(gid) = key.strip_prefix("celery-taskset-meta-").and_then(|k| k.strip_suffix(".s")) {
                 let size: usize = args[1].as_str().unwrap().parse().unwrap();
-                app.backend().chord_init(gid, size, None).await.unwrap();
+                app.backend().set_chord_size(gid, size, None).await.unwrap();
             }
         }
     }

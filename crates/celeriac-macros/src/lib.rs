@@ -268,6 +268,7 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
     let names: Vec<_> = params.iter().map(|(n, _)| n).collect();
     let types: Vec<_> = params.iter().map(|(_, t)| t).collect();
     let count = params.len();
+    let param_names: Vec<String> = params.iter().map(|(n, _)| n.to_string()).collect();
     let asserts = params
         .iter()
         .map(|(_, ty)| quote_spanned!(ty.span()=> const _: () = ::celeriac::__private::assert_task_value::<#ty>();));
@@ -352,6 +353,10 @@ fn expand(attr: Tokens, func: ItemFn) -> syn::Result<Tokens> {
 
             fn options(&self) -> ::celeriac::TaskOptions {
                 #options
+            }
+
+            fn params(&self) -> ::celeriac::Params {
+                ::celeriac::Params::positional(&[#(#param_names),*], #bind)
             }
 
             fn run(&self, __request: ::celeriac::Request, mut __args: ::celeriac::Args) -> ::celeriac::__private::BoxFuture<'static, ::celeriac::TaskResult<::celeriac::__private::serde_json::Value>> {

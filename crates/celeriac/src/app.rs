@@ -25,6 +25,7 @@ struct Inner {
     tasks: HashMap<String, Arc<dyn Task>>,
     reporters: Vec<Arc<dyn ErrorReporter>>,
     origin: String,
+    oid: String,
 }
 
 impl fmt::Debug for App {
@@ -63,9 +64,11 @@ impl App {
         self.inner.tasks.get(name)
     }
 
-    /// Registered task names, sorted.
+    /// Registered task names, sorted, without Celery's built-ins (`celery.accumulate`, ...).
     pub fn task_names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.inner.tasks.keys().cloned().collect();
+        let builtin = crate::canvas::builtins::names();
+        let mut names: Vec<String> =
+            self.inner.tasks.keys().filter(|n| !builtin.contains(&n.as_str())).cloned().collect();
         names.sort();
         names
     }
@@ -78,6 +81,11 @@ impl App {
     /// The `origin` header of messages this process sends (`gen<pid>@<host>`).
     pub fn origin(&self) -> &str {
         &self.inner.origin
+    }
+
+    /// This app's unique id (Celery's `thread_oid`): the `reply_to` of messages it sends.
+    pub fn oid(&self) -> &str {
+        &self.inner.oid
     }
 
     /// A handle on the result of `task_id`.
@@ -105,10 +113,10 @@ impl App {
 
     /// The members of the group `group_id` sent from here (or by a worker of this backend).
     pub async fn group_result(&self, group_id: &str) -> Result<Option<crate::GroupResult>, Error> {
-        let record = self.backend().get_record(&format!("group:{group_id}")).await?;
-        Ok(record
-            .and_then(|v| serde_json::from_value::<Vec<String>>(v).ok())
-            .map(|ids| crate::GroupResult::new(group_id, ids.into_iter().map(|id| self.async_result(id)).collect())))
+        let saved = self.backend().restore_group(group_id).await?;
+        Ok(saved.and_then(|v| crate::canvas::result::Res::from_tuple(&v)).map(|res| {
+            crate::GroupResult::new(group_id, res.leaf_ids().into_iter().map(|id| self.async_result(id)).collect())
+        }))
     }
 
     /// The workflow sent under `id` (its result id or first task id) as a tree with states.
@@ -194,7 +202,12 @@ impl AppBuilder {
         for (key, value) in self.settings {
             config.set_value(&key, value, "the App builder")?;
         }
-        let mut tasks = HashMap::new();
+        let mut tasks: HashMap<String, Arc<dyn Task>> = HashMap::new();
+        // Celery's built-in tasks every app has (`celery.accumulate`, `celery.map`, ...); a
+        // task registered under the same name replaces one.
+        for task in crate::canvas::builtins::all() {
+            tasks.insert(task.name().to_owned(), task);
+        }
         for task in self.tasks {
             if let Some(rate) = task.options().rate_limit {
                 crate::worker::RateLimit::parse(&rate).map_err(|problem| ConfigError::BadValue {
@@ -225,6 +238,7 @@ impl AppBuilder {
                 tasks,
                 reporters: self.reporters,
                 origin: format!("gen{}@{host}", std::process::id()),
+                oid: uuid::Uuid::new_v4().to_string(),
             }),
         })
     }

@@ -69,6 +69,16 @@ pub struct Config {
     pub worker_dead_letter_failures: bool,
     /// Send `task-*` events (monitoring such as Flower turns them on by itself).
     pub worker_send_task_events: bool,
+    /// Tasks sent by a running task get its priority when they have none.
+    pub task_inherit_parent_priority: bool,
+    /// A chord's `link_error` also goes to each header task (Celery's default false).
+    pub task_allow_error_cb_on_chord_header: bool,
+    /// Seconds the member completing a chord waits for a nested header's results.
+    pub result_chord_join_timeout: f64,
+    /// *Celeriac*: past `max_retries`, fail with `MaxRetriesExceededError` carrying the last
+    /// error (true), or with the last error itself, as Celery does when `retry(exc=...)` or
+    /// `autoretry_for` gave one (false).
+    pub task_retry_exceeded_wraps_error: bool,
 }
 
 impl Default for Config {
@@ -100,6 +110,10 @@ impl Default for Config {
             worker_disable_rate_limits: false,
             worker_dead_letter_failures: true,
             worker_send_task_events: false,
+            task_inherit_parent_priority: false,
+            task_allow_error_cb_on_chord_header: false,
+            result_chord_join_timeout: 3.0,
+            task_retry_exceeded_wraps_error: true,
         }
     }
 }

@@ -55,7 +55,7 @@ pub use error::Error;
 pub use protocol::{ExceptionInfo, Signature, State};
 pub use reporter::{ErrorReporter, FailureReport};
 pub use result::{AsyncResult, GroupResult};
-pub use task::{Args, Request, Retry, Task, TaskError, TaskOptions, TaskResult};
+pub use task::{Args, FnTask, Params, Request, Retry, Task, TaskError, TaskOptions, TaskResult};
 pub use worker::{Shutdown, Worker, WorkerOptions, WorkerSummary};
 
 /// Re-exports the `#[task]` macro's generated code uses. Not for direct use.

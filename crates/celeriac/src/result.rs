@@ -12,12 +12,25 @@ use std::time::Duration;
 pub struct AsyncResult {
     id: String,
     app: App,
+    /// Celery's result tuple with the parents known when the canvas was sent.
+    tuple: Option<serde_json::Value>,
 }
 
 impl AsyncResult {
     /// A handle on the result of `id`.
     pub fn new(id: impl Into<String>, app: App) -> Self {
-        AsyncResult { id: id.into(), app }
+        AsyncResult { id: id.into(), app, tuple: None }
+    }
+
+    pub(crate) fn with_tuple(mut self, tuple: serde_json::Value) -> Self {
+        self.tuple = Some(tuple);
+        self
+    }
+
+    /// Celery's `as_tuple()`: `((id, parent), None)` for a task, `((id, parent), [members])`
+    /// for a group, with the parents the sender knew (a chain's earlier steps).
+    pub fn as_tuple(&self) -> serde_json::Value {
+        self.tuple.clone().unwrap_or_else(|| crate::protocol::result_tuple(&self.id))
     }
 
     /// The task id.

@@ -4,13 +4,14 @@
 //! Not for: running tasks (see `worker/`) or sending them (see `canvas/`, `app`).
 
 use crate::app::App;
-use crate::protocol::{BUILTINS, DeliveryInfo, ExceptionInfo, ResultMeta, Signature, State};
+use crate::protocol::{BUILTINS, DeliveryInfo, Embed, ExceptionInfo, Message, ResultMeta, Signature, State};
 use crate::retry::RetryPolicy;
 use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
 use tokio_util::sync::CancellationToken;
 
 /// The result type of a task function: `Ok(value)` or a typed [`TaskError`].
@@ -27,6 +28,13 @@ pub trait Task: Send + Sync + 'static {
 
     /// Options from the `#[task(...)]` attribute.
     fn options(&self) -> TaskOptions;
+
+    /// The function's parameters, for calling errbacks the way Celery does (a task taking
+    /// `request, exc, traceback` is called inline) and for retries with new arguments.
+    /// `#[task]` fills it in; the default says nothing is known.
+    fn params(&self) -> Params {
+        Params::default()
+    }
 
     /// Runs the task with decoded arguments; the future owns everything it needs.
     fn run(&self, request: Request, args: Args) -> BoxFuture<'static, TaskResult<Value>>;
@@ -67,6 +75,116 @@ pub struct TaskOptions {
     pub priority: Option<u8>,
 }
 
+/// A task made from a closure: for tasks defined at run time, with names and parameters
+/// known only then (and for Celery's built-in tasks). `#[task]` is the usual way.
+pub struct FnTask {
+    name: String,
+    options: TaskOptions,
+    params: Params,
+    handler: Arc<dyn Fn(Request, Args) -> BoxFuture<'static, TaskResult<Value>> + Send + Sync>,
+}
+
+impl fmt::Debug for FnTask {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FnTask").field("name", &self.name).field("params", &self.params).finish_non_exhaustive()
+    }
+}
+
+impl FnTask {
+    /// A task named `name` whose runs call `handler` with the request and the arguments.
+    pub fn new<F, Fut>(name: impl Into<String>, params: Params, handler: F) -> Self
+    where
+        F: Fn(Request, Args) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = TaskResult<Value>> + Send + 'static,
+    {
+        FnTask {
+            name: name.into(),
+            options: TaskOptions::default(),
+            params,
+            handler: Arc::new(move |req, args| Box::pin(handler(req, args))),
+        }
+    }
+
+    /// Sets the task's options (Celery's task attributes).
+    pub fn with_options(mut self, options: TaskOptions) -> Self {
+        self.options = options;
+        self
+    }
+}
+
+impl Task for FnTask {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn options(&self) -> TaskOptions {
+        self.options.clone()
+    }
+
+    fn params(&self) -> Params {
+        self.params.clone()
+    }
+
+    fn run(&self, request: Request, args: Args) -> BoxFuture<'static, TaskResult<Value>> {
+        (self.handler)(request, args)
+    }
+}
+
+/// A task function's parameters, as far as Celery's calling rules need them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Params {
+    /// Positional-or-keyword parameter names, in order (a bound task's request not included).
+    pub names: Vec<String>,
+    /// Takes any number of extra positional arguments (Python's `*args`).
+    pub varargs: bool,
+    /// Takes any extra keyword arguments (Python's `**kwargs`).
+    pub varkw: bool,
+    /// Gets its own request (`bind = true`); Celery calls bound errbacks old-style.
+    pub bound: bool,
+    /// Whether anything is known at all (a hand-written [`Task`] may not say).
+    pub known: bool,
+}
+
+impl Params {
+    /// Plain positional parameters, as `#[task]` generates them.
+    pub fn positional(names: &[&str], bound: bool) -> Self {
+        Params {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            varargs: false,
+            varkw: false,
+            bound,
+            known: true,
+        }
+    }
+
+    /// Adds Python's `*args`.
+    pub fn with_varargs(mut self) -> Self {
+        self.varargs = true;
+        self
+    }
+
+    /// Adds Python's `**kwargs`.
+    pub fn with_varkw(mut self) -> Self {
+        self.varkw = true;
+        self
+    }
+
+    /// Celery's `arity_greater(partial(header, *args, **kwargs), n)`: whether more than `n`
+    /// positional arguments can still be passed after `args` and `kwargs` are bound.
+    pub fn takes_more_than(&self, n: usize, args: usize, kwargs: &Map<String, Value>) -> bool {
+        if self.varargs {
+            return true;
+        }
+        let mut rest: Vec<&String> = self.names.iter().skip(args).collect();
+        // A parameter bound by keyword, and every one after it, becomes keyword-only.
+        if let Some(i) = rest.iter().position(|name| kwargs.contains_key(name.as_str())) {
+            rest.truncate(i);
+        }
+        rest.len() > n
+    }
+}
+
 /// What a bound task (`bind = true`) sees of its own call.
 #[derive(Clone)]
 pub struct Request {
@@ -104,8 +222,12 @@ pub struct Request {
     pub is_eager: bool,
     pub(crate) app: App,
     pub(crate) soft_limit: CancellationToken,
-    /// Ids of tasks sent with [`Request::send`], stored as the result's `children`.
-    pub(crate) children: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Results of what this run sent (Celery's `request.children`), as result tuples.
+    pub(crate) children: Arc<Mutex<Vec<Value>>>,
+    /// The message being run (`None` when called inline).
+    pub(crate) message: Option<Arc<Message>>,
+    /// Callbacks, errbacks, chain and chord of the message.
+    pub(crate) embed: Option<Embed>,
 }
 
 impl fmt::Debug for Request {
@@ -144,19 +266,157 @@ impl Request {
         Ok(())
     }
 
-    /// Sends `signature` as a child of this task (`parent_id` = this id, same `root_id`).
-    pub async fn send(&self, mut signature: Signature) -> Result<crate::AsyncResult, crate::Error> {
-        signature.options.insert("parent_id".into(), Value::String(self.id.clone()));
-        let root = self.root_id.clone().unwrap_or_else(|| self.id.clone());
-        signature.options.insert("root_id".into(), Value::String(root));
-        let sent = self.app.send_signature(signature).await?;
-        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(sent.id().to_owned());
-        Ok(sent)
+    /// A request for a task called inline (`Signature.__call__`), outside any message.
+    pub(crate) fn inline(app: &App, task: &str, args: Vec<Value>, kwargs: Map<String, Value>) -> Request {
+        Request {
+            id: uuid::Uuid::new_v4().to_string(),
+            task: task.to_owned(),
+            retries: 0,
+            root_id: None,
+            parent_id: None,
+            group: None,
+            group_index: None,
+            eta: None,
+            expires: None,
+            delivery_info: DeliveryInfo::default(),
+            priority: 0,
+            redelivered: false,
+            hostname: String::new(),
+            args,
+            kwargs,
+            is_eager: false,
+            app: app.clone(),
+            soft_limit: CancellationToken::new(),
+            children: Default::default(),
+            message: None,
+            embed: None,
+        }
+    }
+
+    /// Sends `signature` (of any kind) as a child of this task: `parent_id` is this task,
+    /// `root_id` its root, and the result is recorded in this task's `children`.
+    pub async fn send(&self, signature: Signature) -> Result<crate::AsyncResult, crate::Error> {
+        crate::canvas::send::apply_from(self, signature).await
+    }
+
+    /// Replaces this task with `signature` (Celery's `self.replace`): the replacement gets
+    /// this task's id, its callbacks, errbacks, chord and place in a chain, and this run ends
+    /// without a result of its own. Use it as `return Err(request.replace(sig).await)`.
+    pub async fn replace(&self, signature: Signature) -> TaskError {
+        crate::canvas::replace::replace(self, signature).await
+    }
+
+    /// Adds `signature` to the chord this task is a header member of (Celery's
+    /// `add_to_chord`): the chord's body then waits for it too.
+    pub async fn add_to_chord(&self, signature: Signature) -> Result<crate::AsyncResult, crate::Error> {
+        crate::canvas::replace::add_to_chord(self, signature).await
     }
 
     /// Ids of the tasks this run has sent so far.
     pub fn sent_children(&self) -> Vec<String> {
-        self.children.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        self.trail()
+            .iter()
+            .filter_map(|t| t.get(0).and_then(|h| h.get(0)).and_then(Value::as_str).map(str::to_owned))
+            .collect()
+    }
+
+    /// Results of what this run has sent so far, as Celery's result tuples.
+    pub fn trail(&self) -> Vec<Value> {
+        self.children.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Message headers other than Celery's own (Celery's `request.headers`): what the sender
+    /// put in `headers=`.
+    pub fn headers(&self) -> Map<String, Value> {
+        const KNOWN: [&str; 27] = [
+            "lang",
+            "task",
+            "id",
+            "shadow",
+            "eta",
+            "expires",
+            "group",
+            "group_index",
+            "retries",
+            "timelimit",
+            "root_id",
+            "parent_id",
+            "argsrepr",
+            "kwargsrepr",
+            "origin",
+            "ignore_result",
+            "replaced_task_nesting",
+            "stamped_headers",
+            "stamps",
+            "compression",
+            "chord",
+            "chain",
+            "callbacks",
+            "errbacks",
+            "reply_to",
+            "correlation_id",
+            "delivery_info",
+        ];
+        let Some(m) = &self.message else { return Map::new() };
+        let mut all = serde_json::to_value(&m.headers).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
+        all.retain(|k, _| !KNOWN.contains(&k.as_str()));
+        all
+    }
+
+    /// The message properties (`correlation_id`, `reply_to`, `priority`, `delivery_info`, and
+    /// whatever else the sender set, e.g. `app_id`).
+    pub fn properties(&self) -> Value {
+        self.message.as_ref().and_then(|m| serde_json::to_value(&m.properties).ok()).unwrap_or(Value::Null)
+    }
+
+    /// `delivery_info` as Celery's request has it: exchange, routing key, priority, redelivered.
+    pub fn delivery_info_value(&self) -> Value {
+        serde_json::json!({
+            "exchange": self.delivery_info.exchange,
+            "routing_key": self.delivery_info.routing_key,
+            "priority": self.priority,
+            "redelivered": self.redelivered,
+        })
+    }
+
+    /// The hard time limit the message carries (`timelimit[0]`).
+    pub fn time_limit(&self) -> Option<f64> {
+        self.message.as_ref().and_then(|m| m.headers.time_limits().0)
+    }
+
+    /// The soft time limit the message carries (`timelimit[1]`).
+    pub fn soft_time_limit(&self) -> Option<f64> {
+        self.message.as_ref().and_then(|m| m.headers.time_limits().1)
+    }
+
+    /// How many times the task was replaced on its way here.
+    pub fn replaced_task_nesting(&self) -> u32 {
+        self.message.as_ref().map(|m| m.headers.replaced_task_nesting).unwrap_or(0)
+    }
+
+    /// The chord body this task is a header member of.
+    pub fn chord(&self) -> Option<&Signature> {
+        self.embed.as_ref().and_then(|e| e.chord.as_ref())
+    }
+
+    /// The rest of the chain this task is a step of (last step first).
+    pub fn chain(&self) -> &[Signature] {
+        self.embed.as_ref().and_then(|e| e.chain.as_deref()).unwrap_or(&[])
+    }
+
+    /// The `link` callbacks.
+    pub fn callbacks(&self) -> &[Signature] {
+        self.embed.as_ref().and_then(|e| e.callbacks.as_deref()).unwrap_or(&[])
+    }
+
+    /// The `link_error` errbacks.
+    pub fn errbacks(&self) -> &[Signature] {
+        self.embed.as_ref().and_then(|e| e.errbacks.as_deref()).unwrap_or(&[])
+    }
+
+    /// Stamps (Celery 5.3's stamping API) carried by the message.
+    pub fn stamps(&self) -> Map<String, Value> {
+        self.message.as_ref().map(|m| m.headers.stamps.clone()).unwrap_or_default()
     }
 
     /// A retry request for this task, for `return Err(req.retry()...)`.
@@ -176,6 +436,12 @@ pub struct Retry {
     pub exc: Option<ExceptionInfo>,
     /// Override `max_retries` for this retry (`Some(None)` = unlimited).
     pub max_retries: Option<Option<u32>>,
+    /// Positional arguments for the retry (default: the same ones).
+    pub args: Option<Vec<Value>>,
+    /// Keyword arguments for the retry (default: the same ones).
+    pub kwargs: Option<Map<String, Value>>,
+    /// Further `apply_async` options for the retry message (`expires`, `time_limit`, ...).
+    pub options: Map<String, Value>,
 }
 
 impl Retry {
@@ -204,11 +470,29 @@ impl Retry {
         self.max_retries = Some(max);
         self
     }
+
+    /// Retry with these positional arguments.
+    pub fn args(mut self, args: Vec<Value>) -> Self {
+        self.args = Some(args);
+        self
+    }
+
+    /// Retry with these keyword arguments.
+    pub fn kwargs(mut self, kwargs: Map<String, Value>) -> Self {
+        self.kwargs = Some(kwargs);
+        self
+    }
+
+    /// An `apply_async` option for the retry message, e.g. `("expires", 60)`.
+    pub fn option(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.options.insert(key.to_owned(), value.into());
+        self
+    }
 }
 
 impl From<Retry> for TaskError {
     fn from(r: Retry) -> Self {
-        TaskError::Retry(r)
+        TaskError::Retry(Box::new(r))
     }
 }
 
@@ -224,7 +508,7 @@ pub enum TaskError {
         traceback: Option<String>,
     },
     /// Run again later (`self.retry()`).
-    Retry(Retry),
+    Retry(Box<Retry>),
     /// Refuse the message (`Reject`): back to the queue, or to the dead-letter queue.
     Reject {
         /// Put it back in its queue instead of dead-lettering it.
@@ -350,6 +634,16 @@ impl Args {
             }
         };
         serde_json::from_value(value.clone()).map_err(|e| self.error(name, format!("cannot decode {value}: {e}")))
+    }
+
+    /// The task name these arguments are for.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// All positional and keyword arguments, for tasks that bind them themselves.
+    pub fn into_parts(self) -> (Vec<Value>, Map<String, Value>) {
+        (self.args.into_iter().flatten().collect(), self.kwargs)
     }
 
     /// Fails if there are more positional arguments than `expected` or unknown keywords left.

@@ -16,13 +16,15 @@ pub struct MemoryBackend {
     records: Mutex<HashMap<String, (ResultMeta, Option<Instant>)>>,
     chords: Mutex<HashMap<String, Chord>>,
     kv: Mutex<HashMap<String, serde_json::Value>>,
+    groups: Mutex<HashMap<String, serde_json::Value>>,
     written: Notify,
 }
 
 #[derive(Debug, Default)]
 struct Chord {
-    size: usize,
-    fired: bool,
+    size: Option<usize>,
+    added: usize,
+    done: bool,
     parts: Vec<ChordPart>,
 }
 
@@ -79,24 +81,57 @@ impl ResultBackend for MemoryBackend {
         Ok((before - records.len()) as u64)
     }
 
-    async fn chord_init(&self, group_id: &str, size: usize, _expires: Option<Duration>) -> Result<(), BackendError> {
-        lock(&self.chords).entry(group_id.to_owned()).or_default().size = size;
+    async fn set_chord_size(
+        &self,
+        group_id: &str,
+        size: usize,
+        _expires: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        let mut chords = lock(&self.chords);
+        let chord = chords.entry(group_id.to_owned()).or_default();
+        chord.size = Some(size);
+        chord.done = false;
+        Ok(())
+    }
+
+    async fn add_to_chord(&self, group_id: &str) -> Result<(), BackendError> {
+        lock(&self.chords).entry(group_id.to_owned()).or_default().added += 1;
         Ok(())
     }
 
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
         let mut chords = lock(&self.chords);
         let chord = chords.entry(group_id.to_owned()).or_default();
-        if !chord.parts.iter().any(|p| p.task_id == part.task_id) {
-            chord.parts.push(part);
-        }
-        if chord.fired || chord.size == 0 || chord.parts.len() < chord.size {
+        if chord.done {
             return Ok(None);
         }
-        chord.fired = true;
-        let mut parts = chord.parts.clone();
-        parts.sort_by_key(|p| p.index);
+        if !chord.parts.iter().any(|p| p.task_id == part.task_id && p.index == part.index) {
+            chord.parts.push(part);
+        }
+        match chord.size {
+            Some(size) if chord.parts.len() == size + chord.added => {}
+            _ => return Ok(None),
+        }
+        chord.done = true;
+        chord.size = None;
+        chord.added = 0;
+        let mut parts = std::mem::take(&mut chord.parts);
+        parts.sort_by_key(|p| p.index.unwrap_or(u64::MAX));
         Ok(Some(parts))
+    }
+
+    async fn save_group(
+        &self,
+        group_id: &str,
+        result: &serde_json::Value,
+        _expires: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        lock(&self.groups).insert(group_id.to_owned(), result.clone());
+        Ok(())
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<serde_json::Value>, BackendError> {
+        Ok(lock(&self.groups).get(group_id).cloned())
     }
 
     async fn put_record(

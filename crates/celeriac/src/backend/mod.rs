@@ -65,8 +65,8 @@ pub enum StoreOutcome {
 /// One finished member of a chord header, as counted by [`ResultBackend::chord_part_return`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChordPart {
-    /// Position in the header (`group_index`).
-    pub index: u64,
+    /// Position in the header (`group_index`); `None` sorts last.
+    pub index: Option<u64>,
     /// The member's task id.
     pub task_id: String,
     /// Its final state (SUCCESS, FAILURE or REVOKED).
@@ -94,14 +94,29 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// Deletes expired records; returns how many.
     async fn cleanup(&self) -> Result<u64, BackendError>;
 
-    /// Records that the chord `group_id` has `size` header members. Called once, before any
-    /// member is published.
-    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError>;
+    /// Records that the chord `group_id` expects `size` header members (Celery's
+    /// `set_chord_size`, sent before the last member is published). A chord applied again
+    /// under the same id counts again.
+    async fn set_chord_size(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError>;
 
-    /// Counts one finished header member (idempotent per task id, so a redelivered member
-    /// is not counted twice). Returns every member, ordered by index, to exactly one caller:
-    /// the one whose part completed the chord.
+    /// One more member expected (`add_to_chord`, from a running header task).
+    async fn add_to_chord(&self, group_id: &str) -> Result<(), BackendError>;
+
+    /// Counts one finished header member, once per task id and index (a redelivered member
+    /// is not counted twice). When the count reaches the size (plus members added), returns
+    /// every member, ordered by index, to exactly one caller; later copies are ignored.
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError>;
+
+    /// Saves a group result's structure (Celery's `GroupResult.save`: `{"result": tuple}`).
+    async fn save_group(
+        &self,
+        group_id: &str,
+        result: &serde_json::Value,
+        expires: Option<Duration>,
+    ) -> Result<(), BackendError>;
+
+    /// A saved group result's tuple (`GroupResult.restore`).
+    async fn restore_group(&self, group_id: &str) -> Result<Option<serde_json::Value>, BackendError>;
 
     /// Stores a JSON record under `key` (workflow trees, rollback records, saved groups).
     async fn put_record(
@@ -144,7 +159,8 @@ pub async fn open(url: &str, config: &crate::Config) -> Result<Arc<dyn ResultBac
             Some(toml::Value::String(p)) => Some(p.as_str()),
             _ => None,
         };
-        return Ok(Arc::new(redis::RedisBackend::connect(url, prefix).await?));
+        let backend = redis::RedisBackend::connect(url, prefix).await?.with_expiry(config.result_expires_duration());
+        return Ok(Arc::new(backend));
     }
     let _ = config;
     from_url(url).await

@@ -12,22 +12,31 @@ use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::time::Duration;
 
-/// Counts a chord member once (the `.d` set dedupes redeliveries) and returns every member to
-/// exactly one caller, the one that completes the chord (claimed through `.c`).
+/// Counts a chord member the way Celery 5.7's Redis backend does, so Python and Rust members
+/// of one chord count together: nothing once the chord is done (`.c` = `done`); each
+/// `task_id:index` recorded once in `.d`, its `[1, id, state, result]` in the `.j` sorted set
+/// by index; the chord is complete when `.j` holds `.s` + `.t` members, and the caller that
+/// takes the `.c` claim gets every member and leaves the chord `done` (Celery takes the claim,
+/// publishes, then cleans up; here claim and cleanup are one step).
 const CHORD_PART: &str = r#"
-if redis.call('SADD', KEYS[2], ARGV[3]) == 1 then
-  redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+if redis.call('GET', ckey) == 'done' then return false end
+local member = ARGV[1] .. ':' .. ARGV[3]
+if redis.call('SISMEMBER', dkey, member) == 0 then
+  redis.call('ZADD', jkey, ARGV[3], ARGV[2])
+  redis.call('SADD', dkey, member)
 end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then
-  for i = 1, 5 do redis.call('EXPIRE', KEYS[i], ttl) end
+  for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, ttl) end
 end
-local size = tonumber(redis.call('GET', KEYS[3]) or '0')
-local extra = tonumber(redis.call('GET', KEYS[4]) or '0')
-if size == 0 or redis.call('ZCARD', KEYS[1]) < size + extra then return nil end
-if not redis.call('SET', KEYS[5], 'done', 'NX', 'EX', 300) then return nil end
-local parts = redis.call('ZRANGE', KEYS[1], 0, -1)
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local size = redis.call('GET', skey)
+if not size then return false end
+local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
+if redis.call('ZCARD', jkey) ~= total then return false end
+if not redis.call('SET', ckey, 'done', 'NX', 'EX', math.max(300, ttl)) then return false end
+local parts = redis.call('ZRANGE', jkey, 0, -1)
+redis.call('DEL', jkey, tkey, skey, dkey)
 return parts
 "#;
 
@@ -38,6 +47,8 @@ pub struct RedisBackend {
     url: String,
     prefix: String,
     chord_part: redis::Script,
+    /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
+    chord_ttl: u64,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -67,7 +78,18 @@ impl RedisBackend {
             url: crate::broker::redact(url),
             prefix,
             chord_part: redis::Script::new(CHORD_PART),
+            chord_ttl: 86_400,
         })
+    }
+
+    /// Sets how long chord counting keys live (`result_expires`; `None`: forever).
+    pub fn with_expiry(mut self, expires: Option<Duration>) -> Self {
+        self.chord_ttl = expires.map(|e| e.as_secs().max(1)).unwrap_or(0);
+        self
+    }
+
+    fn group_key(&self, group_id: &str) -> String {
+        format!("{}celery-taskset-meta-{group_id}", self.prefix)
     }
 
     fn task_key(&self, task_id: &str) -> String {
@@ -137,29 +159,42 @@ impl ResultBackend for RedisBackend {
         Ok(0) // Redis expires keys itself.
     }
 
-    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(self.chord_key(group_id, "s")).arg(size);
+    async fn set_chord_size(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
+        // Applying a frozen chord again reuses its group id: it is a new run.
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(self.chord_key(group_id, "c")).ignore();
+        let set = pipe.cmd("SET").arg(self.chord_key(group_id, "s")).arg(size);
         if let Some(e) = expires {
-            cmd.arg("EX").arg(e.as_secs().max(1));
+            set.arg("EX").arg(e.as_secs().max(1));
         }
-        cmd.query_async::<()>(&mut self.conn()).await.map_err(err("chord init"))
+        set.ignore();
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(err("set chord size"))
+    }
+
+    async fn add_to_chord(&self, group_id: &str) -> Result<(), BackendError> {
+        redis::cmd("INCR")
+            .arg(self.chord_key(group_id, "t"))
+            .query_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(err("add to chord"))
     }
 
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
         let member =
             pyjson::to_vec(&serde_json::json!([1, part.task_id, part.state.as_str(), part.result])).unwrap_or_default();
+        let score = part.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_owned());
         let parts: Option<Vec<Vec<u8>>> = self
             .chord_part
             .key(self.chord_key(group_id, "j"))
-            .key(self.chord_key(group_id, "d"))
-            .key(self.chord_key(group_id, "s"))
             .key(self.chord_key(group_id, "t"))
+            .key(self.chord_key(group_id, "s"))
+            .key(self.chord_key(group_id, "d"))
             .key(self.chord_key(group_id, "c"))
-            .arg(part.index)
-            .arg(member)
             .arg(&part.task_id)
-            .arg(86_400)
+            .arg(member)
+            .arg(score)
+            .arg(self.chord_ttl)
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("chord part"))?;
@@ -169,7 +204,7 @@ impl ResultBackend for RedisBackend {
                 .filter_map(|(i, raw)| {
                     let v: Vec<Value> = serde_json::from_slice(raw).ok()?;
                     Some(ChordPart {
-                        index: i as u64,
+                        index: Some(i as u64),
                         task_id: v.get(1)?.as_str()?.to_owned(),
                         state: State::parse(v.get(2)?.as_str()?),
                         result: v.get(3).cloned().unwrap_or(Value::Null),
@@ -177,6 +212,25 @@ impl ResultBackend for RedisBackend {
                 })
                 .collect()
         }))
+    }
+
+    async fn save_group(&self, group_id: &str, result: &Value, expires: Option<Duration>) -> Result<(), BackendError> {
+        let bytes = pyjson::to_vec(&serde_json::json!({"result": result})).unwrap_or_default();
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.group_key(group_id)).arg(bytes);
+        if let Some(e) = expires {
+            cmd.arg("EX").arg(e.as_secs().max(1));
+        }
+        cmd.query_async::<()>(&mut self.conn()).await.map_err(err("save group"))
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<Value>, BackendError> {
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(self.group_key(group_id))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(err("restore group"))?;
+        Ok(raw.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v.get("result").cloned()))
     }
 
     async fn put_record(&self, key: &str, value: &Value, expires: Option<Duration>) -> Result<(), BackendError> {

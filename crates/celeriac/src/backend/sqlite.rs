@@ -26,13 +26,18 @@ CREATE TABLE IF NOT EXISTS celeriac_chords (
     fired INTEGER NOT NULL DEFAULT 0,
     expires_at INTEGER
 );
-CREATE TABLE IF NOT EXISTS celeriac_chord_parts (
+CREATE TABLE IF NOT EXISTS celeriac_chord_members (
     group_id TEXT NOT NULL,
     task_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
     state TEXT NOT NULL,
     result BLOB NOT NULL,
-    PRIMARY KEY (group_id, task_id)
+    PRIMARY KEY (group_id, task_id, idx)
+);
+CREATE TABLE IF NOT EXISTS celeriac_groups (
+    group_id TEXT PRIMARY KEY,
+    result BLOB NOT NULL,
+    expires_at INTEGER
 );
 CREATE TABLE IF NOT EXISTS celeriac_records (
     key TEXT PRIMARY KEY,
@@ -58,6 +63,18 @@ impl SqliteBackend {
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let pool = open(url).await.map_err(err("open"))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
+        // Files made before `add_to_chord` lack the column; it is added once.
+        let has_added: bool = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
+            .fetch_optional(&pool)
+            .await
+            .map_err(err("create schema"))?
+            .is_some();
+        if !has_added {
+            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
+                .execute(&pool)
+                .await
+                .map_err(err("create schema"))?;
+        }
         Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
     }
 }
@@ -123,7 +140,8 @@ impl ResultBackend for SqliteBackend {
             .map_err(err("cleanup"))?;
         for sql in [
             "DELETE FROM celeriac_records WHERE expires_at IS NOT NULL AND expires_at <= ?",
-            "DELETE FROM celeriac_chord_parts WHERE group_id IN (SELECT group_id FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?)",
+            "DELETE FROM celeriac_chord_members WHERE group_id IN (SELECT group_id FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?)",
+            "DELETE FROM celeriac_groups WHERE expires_at IS NOT NULL AND expires_at <= ?",
             "DELETE FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?",
         ] {
             sqlx::query(sql).bind(now).execute(&self.pool).await.map_err(err("cleanup"))?;
@@ -131,14 +149,29 @@ impl ResultBackend for SqliteBackend {
         Ok(done.rows_affected())
     }
 
-    async fn chord_init(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
-        sqlx::query("INSERT INTO celeriac_chords (group_id, size, expires_at) VALUES (?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET size = excluded.size")
-            .bind(group_id)
-            .bind(size as i64)
-            .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
-            .execute(&self.pool)
-            .await
-            .map_err(err("chord init"))?;
+    async fn set_chord_size(&self, group_id: &str, size: usize, expires: Option<Duration>) -> Result<(), BackendError> {
+        sqlx::query(
+            "INSERT INTO celeriac_chords (group_id, size, expires_at) VALUES (?, ?, ?)
+             ON CONFLICT (group_id) DO UPDATE SET size = excluded.size, fired = 0, expires_at = excluded.expires_at",
+        )
+        .bind(group_id)
+        .bind(size as i64)
+        .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
+        .execute(&self.pool)
+        .await
+        .map_err(err("set chord size"))?;
+        Ok(())
+    }
+
+    async fn add_to_chord(&self, group_id: &str) -> Result<(), BackendError> {
+        sqlx::query(
+            "INSERT INTO celeriac_chords (group_id, size, added) VALUES (?, -1, 1)
+             ON CONFLICT (group_id) DO UPDATE SET added = added + 1",
+        )
+        .bind(group_id)
+        .execute(&self.pool)
+        .await
+        .map_err(err("add to chord"))?;
         Ok(())
     }
 
@@ -146,18 +179,25 @@ impl ResultBackend for SqliteBackend {
         // The INSERT takes the write lock first, so concurrent members serialize here and
         // exactly one of them sees the count reach the size and flips `fired`.
         let mut tx = self.pool.begin().await.map_err(err("chord part"))?;
-        sqlx::query("INSERT INTO celeriac_chord_parts (group_id, task_id, idx, state, result) VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING")
-            .bind(group_id)
-            .bind(&part.task_id)
-            .bind(part.index as i64)
-            .bind(part.state.as_str())
-            .bind(serde_json::to_vec(&part.result).unwrap_or_default())
-            .execute(&mut *tx)
-            .await
-            .map_err(err("chord part"))?;
+        // A write first (so the transaction holds the write lock from the start), and nothing
+        // recorded for a chord that already fired.
+        sqlx::query(
+            "INSERT INTO celeriac_chord_members (group_id, task_id, idx, state, result)
+             SELECT ?1, ?2, ?3, ?4, ?5
+             WHERE NOT EXISTS (SELECT 1 FROM celeriac_chords WHERE group_id = ?1 AND fired = 1)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(group_id)
+        .bind(&part.task_id)
+        .bind(part.index.map(|i| i as i64).unwrap_or(-1))
+        .bind(part.state.as_str())
+        .bind(serde_json::to_vec(&part.result).unwrap_or_default())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("chord part"))?;
         let fired = sqlx::query(
-            "UPDATE celeriac_chords SET fired = 1 WHERE group_id = ?1 AND fired = 0
-             AND size <= (SELECT COUNT(*) FROM celeriac_chord_parts WHERE group_id = ?1)",
+            "UPDATE celeriac_chords SET fired = 1 WHERE group_id = ?1 AND fired = 0 AND size >= 0
+             AND size + added = (SELECT COUNT(*) FROM celeriac_chord_members WHERE group_id = ?1)",
         )
         .bind(group_id)
         .execute(&mut *tx)
@@ -165,16 +205,27 @@ impl ResultBackend for SqliteBackend {
         .map_err(err("chord part"))?;
         let parts = if fired.rows_affected() == 1 {
             let rows = sqlx::query(
-                "SELECT task_id, idx, state, result FROM celeriac_chord_parts WHERE group_id = ? ORDER BY idx",
+                "SELECT task_id, idx, state, result FROM celeriac_chord_members WHERE group_id = ?
+                 ORDER BY CASE WHEN idx < 0 THEN 1 ELSE 0 END, idx, rowid",
             )
             .bind(group_id)
             .fetch_all(&mut *tx)
             .await
             .map_err(err("chord part"))?;
+            sqlx::query("DELETE FROM celeriac_chord_members WHERE group_id = ?")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("chord part"))?;
+            sqlx::query("UPDATE celeriac_chords SET added = 0 WHERE group_id = ?")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("chord part"))?;
             Some(
                 rows.iter()
                     .map(|r| ChordPart {
-                        index: r.get::<i64, _>("idx") as u64,
+                        index: u64::try_from(r.get::<i64, _>("idx")).ok(),
                         task_id: r.get("task_id"),
                         state: State::parse(r.get("state")),
                         result: serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).unwrap_or_default(),
@@ -186,6 +237,34 @@ impl ResultBackend for SqliteBackend {
         };
         tx.commit().await.map_err(err("chord part"))?;
         Ok(parts)
+    }
+
+    async fn save_group(
+        &self,
+        group_id: &str,
+        result: &serde_json::Value,
+        expires: Option<Duration>,
+    ) -> Result<(), BackendError> {
+        sqlx::query("INSERT INTO celeriac_groups (group_id, result, expires_at) VALUES (?, ?, ?) ON CONFLICT (group_id) DO UPDATE SET result = excluded.result, expires_at = excluded.expires_at")
+            .bind(group_id)
+            .bind(serde_json::to_vec(result).unwrap_or_default())
+            .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
+            .execute(&self.pool)
+            .await
+            .map_err(err("save group"))?;
+        Ok(())
+    }
+
+    async fn restore_group(&self, group_id: &str) -> Result<Option<serde_json::Value>, BackendError> {
+        let row = sqlx::query(
+            "SELECT result FROM celeriac_groups WHERE group_id = ? AND (expires_at IS NULL OR expires_at > ?)",
+        )
+        .bind(group_id)
+        .bind(now_millis())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(err("restore group"))?;
+        Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).ok()))
     }
 
     async fn put_record(

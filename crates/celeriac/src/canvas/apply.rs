@@ -1,279 +1,249 @@
-//! Applying a signature of any kind, on the client and in the worker alike: freezing (assigning
-//! every task id up front), chain upgrade (a group followed by a step becomes a chord, as
-//! Celery does), and sending the entry tasks with the rest of the workflow embedded in their
-//! messages (`embed.chain`, `embed.chord`, `group`/`group_index`).
+//! Applying a signature of any kind, as Celery's `apply_async` does, in the client and in the
+//! worker alike: the context it is applied from ([`Ctx`]: the app and the worker task running
+//! now), the call's partial arguments and options ([`Call`]), freezing (assigning ids up
+//! front) and sending one task (`Task.apply_async` → `app.send_task`). Chains, groups and
+//! chords have their own files.
 
-use super::primitives::{Kind, chord, kind};
+use super::result::Res;
+use super::tree::{Node, Sig};
 use crate::Error;
 use crate::app::App;
-use crate::protocol::Signature;
-use crate::result::AsyncResult;
 use futures::future::BoxFuture;
 use serde_json::{Map, Value};
+use std::sync::{Arc, Mutex, PoisonError};
 
-/// Where a signature is applied from: the task that sends it and its workflow.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Lineage {
-    /// The sending task (`parent_id`).
-    pub parent_id: Option<String>,
-    /// The workflow's first task (`root_id`).
+/// The worker task a canvas is applied from (Celery's `current_worker_task`).
+#[derive(Debug, Clone)]
+pub(crate) struct Current {
+    /// Its id: the `parent_id` of what it sends without an explicit one.
+    pub id: String,
+    /// Its root: the `root_id` of what it sends.
     pub root_id: Option<String>,
-    /// Extra headers every message of the applied canvas carries (saga state).
+    /// Its message priority (inherited with `task_inherit_parent_priority`).
+    pub priority: Option<u8>,
+    /// Results of what it sent (`request.children`), as result tuples.
+    pub trail: Arc<Mutex<Vec<Value>>>,
+}
+
+impl Current {
+    fn add_trail(&self, res: &Res) {
+        self.trail.lock().unwrap_or_else(PoisonError::into_inner).push(res.as_tuple());
+    }
+}
+
+/// Where a canvas is applied from.
+#[derive(Debug, Clone)]
+pub(crate) struct Ctx {
+    pub app: App,
+    pub current: Option<Current>,
+    /// Headers added to every message sent (Celeriac's saga state).
     pub headers: Map<String, Value>,
 }
 
-fn canvas_error(sig: &Signature, problem: impl std::fmt::Display) -> Error {
-    Error::Canvas { task: sig.task.clone(), problem: problem.to_string() }
-}
-
-fn kind_of(sig: &Signature) -> Result<Kind, Error> {
-    kind(sig).map_err(|p| canvas_error(sig, p))
-}
-
-fn to_values(sigs: &[Signature]) -> Value {
-    Value::Array(sigs.iter().map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).collect())
-}
-
-fn set_members(sig: &mut Signature, key: &str, members: &[Signature]) {
-    sig.kwargs.insert(key.to_owned(), to_values(members));
-}
-
-/// Flattens nested chains and turns `group, next` into `chord(group, next)`.
-fn upgrade(steps: Vec<Signature>) -> Result<Vec<Signature>, Error> {
-    let mut flat = Vec::with_capacity(steps.len());
-    for step in steps {
-        match kind_of(&step)? {
-            Kind::Chain(inner) => flat.extend(upgrade(inner)?),
-            _ => flat.push(step),
-        }
+impl Ctx {
+    /// A client context (no current task).
+    pub fn client(app: &App) -> Ctx {
+        Ctx { app: app.clone(), current: None, headers: Map::new() }
     }
-    let mut out: Vec<Signature> = Vec::with_capacity(flat.len());
-    while let Some(step) = flat.pop() {
-        match (kind_of(&step)?, out.pop()) {
-            (Kind::Group(members), Some(next)) => {
-                let mut upgraded = chord(members, next);
-                if let Some(id) = step.options.get("task_id") {
-                    upgraded.options.insert("task_id".into(), id.clone());
-                }
-                out.push(upgraded);
-            }
-            (_, next) => {
-                out.extend(next);
-                out.push(step);
-            }
-        }
+
+    /// `task_allow_error_cb_on_chord_header`.
+    pub fn allow_error_cb_on_chord_header(&self) -> bool {
+        self.app.config().task_allow_error_cb_on_chord_header
     }
-    out.reverse();
-    Ok(out)
 }
 
-/// Flattens groups nested in groups (their members join the outer group).
-fn flatten_group(members: Vec<Signature>) -> Result<Vec<Signature>, Error> {
-    let mut out = Vec::with_capacity(members.len());
-    for m in members {
-        match kind_of(&m)? {
-            Kind::Group(inner) => out.extend(flatten_group(inner)?),
-            _ => out.push(m),
-        }
-    }
-    Ok(out)
+/// The partial arguments and options of one `apply_async` call.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Call {
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub options: Map<String, Value>,
 }
 
-fn new_id() -> String {
+impl Call {
+    /// A call with partial `args` only.
+    pub fn args(args: Vec<Value>) -> Call {
+        Call { args, ..Call::default() }
+    }
+
+    /// Sets an option.
+    pub fn opt(mut self, key: &str, value: impl Into<Value>) -> Call {
+        let value = value.into();
+        if !value.is_null() {
+            self.options.insert(key.to_owned(), value);
+        }
+        self
+    }
+}
+
+/// What freezing may set (`freeze(_id, group_id, chord, root_id, parent_id, group_index)`).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Freeze {
+    pub id: Option<String>,
+    pub group_id: Option<String>,
+    pub chord: Option<Value>,
+    pub root_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub group_index: Option<Value>,
+}
+
+pub(crate) fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
-fn ensure_id(sig: &mut Signature) -> String {
-    match sig.task_id() {
+pub(crate) fn canvas_error(name: &str, problem: impl std::fmt::Display) -> Error {
+    Error::Canvas { task: name.to_owned(), problem: problem.to_string() }
+}
+
+/// Takes a string option out of `options` (a keyword parameter of Celery's functions).
+pub(crate) fn take_str(options: &mut Map<String, Value>, key: &str) -> Option<String> {
+    match options.remove(key) {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    }
+}
+
+/// Takes any option out, `None` for null.
+pub(crate) fn take(options: &mut Map<String, Value>, key: &str) -> Option<Value> {
+    options.remove(key).filter(|v| !v.is_null())
+}
+
+/// Freezes `sig` in place and returns its result.
+pub(crate) fn freeze(ctx: &Ctx, sig: &mut Sig, f: Freeze) -> Result<Res, Error> {
+    match sig.node {
+        Node::Task => Ok(freeze_task(ctx, sig, f)),
+        Node::Chain(_) => super::chain::freeze(ctx, sig, f),
+        Node::Group(_) => Ok(super::group::freeze(ctx, sig, f)),
+        Node::Chord(_) => super::chord::freeze(ctx, sig, f),
+    }
+}
+
+/// `Signature.freeze`: the task id (kept if set), and the ids and chord it is frozen into.
+pub(crate) fn freeze_task(ctx: &Ctx, sig: &mut Sig, f: Freeze) -> Res {
+    let opts = &mut sig.base.options;
+    let tid = match opts.get("task_id").and_then(Value::as_str) {
+        Some(id) => id.to_owned(),
+        None => {
+            let id = f.id.unwrap_or_else(new_id);
+            opts.insert("task_id".into(), Value::String(id.clone()));
+            id
+        }
+    };
+    if let Some(r) = f.root_id {
+        opts.insert("root_id".into(), Value::String(r));
+    }
+    if let Some(p) = f.parent_id {
+        opts.insert("parent_id".into(), Value::String(p));
+    }
+    if !opts.contains_key("reply_to") {
+        opts.insert("reply_to".into(), Value::String(ctx.app.oid().to_owned()));
+    }
+    if let Some(g) = f.group_id
+        && !opts.contains_key("group_id")
+    {
+        opts.insert("group_id".into(), Value::String(g));
+    }
+    if let Some(c) = f.chord {
+        opts.insert("chord".into(), c);
+    }
+    if let Some(i) = f.group_index {
+        opts.insert("group_index".into(), i);
+    }
+    Res::task(tid)
+}
+
+/// Applies `sig` with a call's partial arguments and options.
+pub(crate) fn apply_async<'a>(ctx: &'a Ctx, sig: Sig, call: Call) -> BoxFuture<'a, Result<Res, Error>> {
+    Box::pin(async move {
+        match sig.node {
+            Node::Task => apply_task(ctx, sig, call).await,
+            Node::Chain(_) => super::chain::apply_async(ctx, sig, call).await,
+            Node::Group(_) => super::group::apply_async(ctx, sig, call).await,
+            Node::Chord(_) => super::chord::apply_async(ctx, sig, call).await,
+        }
+    })
+}
+
+/// `Signature.apply_async` for a task: partial arguments merged in, then sent.
+async fn apply_task(ctx: &Ctx, sig: Sig, call: Call) -> Result<Res, Error> {
+    let options: Map<String, Value> = call.options.into_iter().filter(|(_, v)| !v.is_null()).collect();
+    let (args, kwargs, options) = if call.args.is_empty() && call.kwargs.is_empty() && options.is_empty() {
+        (sig.base.args.clone(), sig.base.kwargs.clone(), sig.base.options.clone())
+    } else {
+        sig.merge(&call.args, &call.kwargs, Some(&options), false)
+    };
+    let mut base = sig.base;
+    base.args = args;
+    base.kwargs = kwargs;
+    base.options = options;
+    send_task(ctx, base).await
+}
+
+/// `Task.apply_async` + `app.send_task`: the registered task's defaults, the parent and root
+/// from the current worker task, then one message on the routed queue. With
+/// `task_always_eager` the task runs inline instead.
+pub(crate) async fn send_task(ctx: &Ctx, mut sig: crate::protocol::Signature) -> Result<Res, Error> {
+    let app = &ctx.app;
+    let add_to_parent = match sig.options.remove("add_to_parent") {
+        Some(Value::Bool(b)) => b,
+        _ => true,
+    };
+    let task_id = match sig.options.get("task_id").and_then(Value::as_str) {
         Some(id) => id.to_owned(),
         None => {
             let id = new_id();
             sig.options.insert("task_id".into(), Value::String(id.clone()));
             id
         }
-    }
-}
-
-/// Sets an option on the task that produces `sig`'s result: the task itself, or a chain's
-/// last step.
-fn set_on_final(sig: &mut Signature, key: &str, value: Value) -> Result<(), Error> {
-    match kind_of(sig)? {
-        Kind::Task => {
-            sig.options.insert(key.to_owned(), value);
-            Ok(())
+    };
+    if let Some(cur) = &ctx.current {
+        if sig.options.get("root_id").is_none_or(Value::is_null) {
+            let root = cur.root_id.clone().unwrap_or_else(|| cur.id.clone());
+            sig.options.insert("root_id".into(), Value::String(root));
         }
-        Kind::Chain(mut steps) => {
-            let last = steps.last_mut().ok_or_else(|| canvas_error(sig, "empty chain"))?;
-            set_on_final(last, key, value)?;
-            set_members(sig, "tasks", &steps);
-            Ok(())
+        if sig.options.get("parent_id").is_none_or(Value::is_null) {
+            sig.options.insert("parent_id".into(), Value::String(cur.id.clone()));
         }
-        _ => Err(canvas_error(
-            sig,
-            "a group or chord cannot be a member of a group or chord header here; wrap it in a chain with a final task",
-        )),
-    }
-}
-
-/// Assigns every task id in the canvas; returns the id whose result is the canvas's result.
-pub(crate) fn freeze(sig: &mut Signature) -> Result<String, Error> {
-    match kind_of(sig)? {
-        Kind::Task => Ok(ensure_id(sig)),
-        Kind::Chain(steps) => {
-            let mut steps = upgrade(steps)?;
-            let mut last = None;
-            for s in &mut steps {
-                last = Some(freeze(s)?);
-            }
-            set_members(sig, "tasks", &steps);
-            let last = last.ok_or_else(|| canvas_error(sig, "empty chain"))?;
-            sig.options.insert("task_id".into(), Value::String(last.clone()));
-            Ok(last)
-        }
-        Kind::Group(members) => {
-            let gid = ensure_id(sig);
-            let mut members = flatten_group(members)?;
-            for (i, m) in members.iter_mut().enumerate() {
-                set_on_final(m, "group_id", Value::String(gid.clone()))?;
-                set_on_final(m, "group_index", Value::from(i))?;
-                freeze(m)?;
-            }
-            set_members(sig, "tasks", &members);
-            Ok(gid)
-        }
-        Kind::Chord { header, mut body } => {
-            let gid = ensure_id(sig);
-            let mut header = flatten_group(header)?;
-            for (i, m) in header.iter_mut().enumerate() {
-                set_on_final(m, "group_id", Value::String(gid.clone()))?;
-                set_on_final(m, "group_index", Value::from(i))?;
-                freeze(m)?;
-            }
-            let body_id = freeze(&mut body)?;
-            if body.subtask_type.is_none() {
-                body.options.insert("group_id".into(), Value::String(gid.clone()));
-            }
-            let mut header_sig = super::primitives::group(header);
-            header_sig.options.insert("task_id".into(), Value::String(gid));
-            sig.kwargs.insert("header".into(), serde_json::to_value(header_sig).unwrap_or(Value::Null));
-            sig.kwargs.insert("body".into(), serde_json::to_value(&*body).unwrap_or(Value::Null));
-            Ok(body_id)
+        if app.config().task_inherit_parent_priority
+            && sig.options.get("priority").is_none_or(Value::is_null)
+            && let Some(p) = cur.priority
+        {
+            sig.options.insert("priority".into(), Value::from(p));
         }
     }
-}
-
-/// Attaches the rest of a chain (`rest`, last step first) to the canvas that runs before it.
-fn attach_rest(sig: &mut Signature, rest: Vec<Signature>) -> Result<(), Error> {
-    if rest.is_empty() {
-        return Ok(());
-    }
-    match kind_of(sig)? {
-        Kind::Task => {
-            let mut chain: Vec<Signature> =
-                sig.options.get("chain").and_then(|c| serde_json::from_value(c.clone()).ok()).unwrap_or_default();
-            // Existing steps run first, so they stay at the end (the next step is the last).
-            let mut combined = rest;
-            combined.append(&mut chain);
-            sig.options.insert("chain".into(), to_values(&combined));
-            Ok(())
-        }
-        Kind::Chord { header, mut body } => {
-            match kind_of(&body)? {
-                Kind::Chain(mut steps) => {
-                    let mut rest = rest;
-                    rest.reverse();
-                    steps.extend(rest);
-                    set_members(&mut body, "tasks", &steps);
-                }
-                _ => attach_rest(&mut body, rest)?,
-            }
-            let header_sig = sig.kwargs.get("header").cloned();
-            sig.kwargs.insert("body".into(), serde_json::to_value(&*body).unwrap_or(Value::Null));
-            if header_sig.is_none() {
-                set_members(sig, "header", &header);
-            }
-            Ok(())
-        }
-        _ => Err(canvas_error(sig, "a group can only end a chain (a group followed by a step becomes a chord)")),
-    }
-}
-
-/// Applies `sig` with `prepend` added in front of its entry tasks' arguments.
-pub(crate) fn apply<'a>(
-    app: &'a App,
-    mut sig: Signature,
-    prepend: Option<Value>,
-    lineage: &'a Lineage,
-) -> BoxFuture<'a, Result<AsyncResult, Error>> {
-    Box::pin(async move {
-        let result_id = freeze(&mut sig)?;
-        match kind_of(&sig)? {
-            Kind::Task => send_task(app, sig, prepend, lineage).await,
-            Kind::Chain(steps) => {
-                let mut steps = steps.into_iter();
-                let mut first = steps.next().ok_or_else(|| canvas_error(&sig, "empty chain"))?;
-                let mut rest: Vec<Signature> = steps.collect();
-                rest.reverse();
-                attach_rest(&mut first, rest)?;
-                apply(app, first, prepend, lineage).await?;
-                Ok(AsyncResult::new(result_id, app.clone()))
-            }
-            Kind::Group(members) => {
-                let ids: Vec<Value> =
-                    members.iter().filter_map(|m| m.task_id().map(|s| Value::String(s.to_owned()))).collect();
-                app.backend()
-                    .put_record(
-                        &format!("group:{result_id}"),
-                        &Value::Array(ids),
-                        app.config().result_expires_duration(),
-                    )
-                    .await?;
-                for m in members {
-                    apply(app, m, prepend.clone(), lineage).await?;
-                }
-                Ok(AsyncResult::new(result_id, app.clone()))
-            }
-            Kind::Chord { header, body } => {
-                let gid = sig.task_id().map(str::to_owned).unwrap_or_default();
-                if header.is_empty() {
-                    return apply(app, *body, Some(Value::Array(Vec::new())), lineage).await;
-                }
-                app.backend().chord_init(&gid, header.len(), app.config().result_expires_duration()).await?;
-                let body_value = serde_json::to_value(&*body).unwrap_or(Value::Null);
-                for mut m in header {
-                    set_on_final(&mut m, "chord", body_value.clone())?;
-                    apply(app, m, prepend.clone(), lineage).await?;
-                }
-                Ok(AsyncResult::new(result_id, app.clone()))
-            }
-        }
-    })
-}
-
-async fn send_task(
-    app: &App,
-    mut sig: Signature,
-    prepend: Option<Value>,
-    lineage: &Lineage,
-) -> Result<AsyncResult, Error> {
-    if let Some(v) = prepend.filter(|_| !sig.immutable) {
-        sig.args.insert(0, v);
-    }
-    if let Some(p) = &lineage.parent_id {
-        sig.options.entry("parent_id").or_insert_with(|| Value::String(p.clone()));
-    }
-    if let Some(r) = &lineage.root_id {
-        sig.options.entry("root_id").or_insert_with(|| Value::String(r.clone()));
-    }
-    if !lineage.headers.is_empty() {
+    if !ctx.headers.is_empty() {
         let mut headers = match sig.options.remove("headers") {
             Some(Value::Object(h)) => h,
             _ => Map::new(),
         };
-        for (k, v) in &lineage.headers {
+        for (k, v) in &ctx.headers {
             headers.entry(k.clone()).or_insert_with(|| v.clone());
         }
         sig.options.insert("headers".into(), Value::Object(headers));
     }
-    super::send::send_one(app, sig).await
+    super::send::send_one(app, sig).await?;
+    let res = Res::task(task_id);
+    if add_to_parent && let Some(cur) = &ctx.current {
+        cur.add_trail(&res);
+    }
+    Ok(res)
+}
+
+/// Sends a signature given as JSON (a callback, an errback, a chord body) with partial
+/// arguments; logs and returns `None` when it cannot be applied.
+pub(crate) async fn apply_value(ctx: &Ctx, value: &Value, call: Call) -> Option<Res> {
+    let name = value.get("task").and_then(Value::as_str).unwrap_or("?").to_owned();
+    match Sig::from_value(value) {
+        Ok(sig) => match apply_async(ctx, sig, call).await {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(task = %name, error = %e, "could not apply the signature");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::error!(task = %name, error = %e, "not a signature; not applied");
+            None
+        }
+    }
 }

@@ -5,11 +5,18 @@
 //! a workflow as a tree.
 
 pub(crate) mod apply;
+pub(crate) mod builtins;
+mod chain;
+mod chord;
 pub(crate) mod dispatch;
+mod group;
 mod options;
 mod primitives;
+pub(crate) mod replace;
+pub(crate) mod result;
 pub mod saga;
 pub(crate) mod send;
+pub(crate) mod tree;
 pub mod workflow;
 
 pub use primitives::{chain, chord, group};

@@ -103,3 +103,18 @@ fn push_option(options: &mut Map<String, Value>, key: &str, sig: Signature) {
         }
     }
 }
+
+impl Signature {
+    /// Stamps this signature, its callbacks and errbacks, and every signature in it with
+    /// `stamps` (Celery 5.3's stamping, with a visitor that returns the same stamps for every
+    /// signature): each becomes a message header listed in `stamped_headers`.
+    pub fn stamp(self, stamps: &Map<String, Value>) -> Self {
+        match super::tree::Sig::from_signature(self.clone()) {
+            Ok(mut sig) => {
+                sig.stamp(stamps);
+                sig.to_signature()
+            }
+            Err(_) => self,
+        }
+    }
+}

@@ -3,44 +3,30 @@
 //! `kwargs.tasks` / `kwargs.header` / `kwargs.body`, so they serialize to Celery's exact JSON
 //! and nest inside each other and inside messages.
 
+use super::tree::{Sig, fold_chain};
 use crate::protocol::Signature;
 use serde_json::{Map, Value};
 
-fn canvas(task: &str, kind: &str, kwargs: Map<String, Value>) -> Signature {
-    let mut sig = Signature::new(task, Vec::new());
-    sig.kwargs = kwargs;
-    sig.subtask_type = Some(kind.to_owned());
-    sig
-}
-
-fn list(sigs: impl IntoIterator<Item = Signature>) -> Value {
-    Value::Array(sigs.into_iter().map(|s| serde_json::to_value(s).unwrap_or(Value::Null)).collect())
+fn tree(sig: Signature) -> Sig {
+    Sig::from_signature(sig.clone()).unwrap_or_else(|_| Sig::task(sig))
 }
 
 /// Steps run one after another, each getting the previous result prepended to its arguments
-/// (unless immutable).
+/// (unless immutable). Built as Celery's `chain(...)` builds it: nested chains are flattened
+/// and a group followed by a step becomes a chord.
 pub fn chain(steps: impl IntoIterator<Item = Signature>) -> Signature {
-    let mut kwargs = Map::new();
-    kwargs.insert("tasks".into(), list(steps));
-    canvas("celery.chain", "chain", kwargs)
+    fold_chain(steps.into_iter().map(tree).collect(), false).to_signature()
 }
 
 /// Members run in parallel; the group's result is the list of their results.
 pub fn group(members: impl IntoIterator<Item = Signature>) -> Signature {
-    let mut kwargs = Map::new();
-    kwargs.insert("tasks".into(), list(members));
-    canvas("celery.group", "group", kwargs)
+    Sig::group(members.into_iter().map(tree).collect(), Map::new()).to_signature()
 }
 
 /// The header members run in parallel; when all have finished, `body` runs with the list of
 /// their results (in header order) prepended.
 pub fn chord(header: impl IntoIterator<Item = Signature>, body: Signature) -> Signature {
-    let mut kwargs = Map::new();
-    kwargs.insert("kwargs".into(), Value::Object(Map::new()));
-    // Unfrozen, Celery keeps the header as a plain list; freezing makes it a group.
-    kwargs.insert("header".into(), list(header));
-    kwargs.insert("body".into(), serde_json::to_value(body).unwrap_or(Value::Null));
-    canvas("celery.chord", "chord", kwargs)
+    Sig::chord_of(header.into_iter().map(tree).collect(), Some(tree(body)), Map::new()).to_signature()
 }
 
 /// The kinds of signature.
@@ -85,7 +71,7 @@ pub(crate) fn kind(sig: &Signature) -> Result<Kind, String> {
             let body: Signature = serde_json::from_value(body.clone()).map_err(|e| format!("chord body: {e}"))?;
             Ok(Kind::Chord { header, body: Box::new(body) })
         }
-        Some(other) => Err(format!("canvas type {other:?} is not supported (chain, group and chord are)")),
+        Some(_) => Ok(Kind::Task),
     }
 }
 

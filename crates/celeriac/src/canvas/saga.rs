@@ -9,7 +9,8 @@
 //!
 //! Python workers ignore these headers: rollback needs Celeriac workers for the chain's steps.
 
-use super::apply::{Lineage, apply};
+use super::apply::{Call as Apply, Ctx, apply_async};
+use super::tree::Sig;
 use crate::Error;
 use crate::app::App;
 use crate::protocol::{ExceptionInfo, ResultMeta, Signature, State, time};
@@ -196,11 +197,16 @@ async fn send_step(app: &App, record: &Rollback, index: usize) {
     let Some(step) = record.steps.get(index) else { return };
     let mut sig = step.compensation.clone();
     sig.options.insert("task_id".into(), Value::String(step.task_id.clone()));
+    sig.options.insert("parent_id".into(), Value::String(record.failed_task_id.clone()));
+    sig.options.insert("root_id".into(), Value::String(record.root_id.clone()));
     let mut headers = Map::new();
     headers.insert(ROLLBACK.into(), serde_json::json!({"root_id": record.root_id, "index": index}));
-    let lineage =
-        Lineage { parent_id: Some(record.failed_task_id.clone()), root_id: Some(record.root_id.clone()), headers };
-    if let Err(e) = apply(app, sig, None, &lineage).await {
+    let ctx = Ctx { app: app.clone(), current: None, headers };
+    let sent = match Sig::from_signature(sig) {
+        Ok(sig) => apply_async(&ctx, sig, Apply::default()).await.map(|_| ()),
+        Err(e) => Err(super::apply::canvas_error("compensation", e)),
+    };
+    if let Err(e) = sent {
         tracing::error!(root_id = %record.root_id, error = %e, "could not send compensation");
     }
 }

@@ -1,34 +1,74 @@
 //! The client side of sending: a signature and its options become a protocol v2 message on the
 //! routed queue (or, with `task_always_eager`, an inline run).
 
+use super::apply::{Call, Ctx, Current, Freeze};
+use super::tree::{Node, Sig};
 use crate::Error;
 use crate::app::App;
 use crate::protocol::{Embed, Message, Signature, TaskBody, TaskHeaders, args_repr, py_repr, time};
 use crate::result::AsyncResult;
+use crate::task::Request;
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Number, Value};
 
-/// Sends `signature`, of any kind (or runs it inline in eager mode).
+/// Sends `signature`, of any kind, from a client (or runs it inline in eager mode). A canvas
+/// is frozen first and recorded for `celeriac workflow`.
 pub(crate) async fn apply_async(app: &App, signature: Signature) -> Result<AsyncResult, Error> {
-    let lineage = super::apply::Lineage::default();
-    if signature.subtask_type.is_some() {
-        let mut frozen = signature;
-        let result_id = super::apply::freeze(&mut frozen)?;
-        super::workflow::save(app, &frozen, &result_id).await?;
-        return super::apply::apply(app, frozen, None, &lineage).await;
+    let ctx = Ctx::client(app);
+    let mut sig = Sig::from_signature(signature).map_err(|e| super::apply::canvas_error("signature", e))?;
+    if let Node::Group(tasks) = &mut sig.node {
+        // Applied directly, a group flattens nested groups in order (`_prepared`); freezing
+        // first must not reorder them (`_freeze_unroll` would).
+        *tasks = flatten_in_order(std::mem::take(tasks));
     }
-    super::apply::apply(app, signature, None, &lineage).await
+    if !matches!(sig.node, Node::Task) {
+        let res = super::apply::freeze(&ctx, &mut sig, Freeze::default())?;
+        super::workflow::save(app, &sig.to_signature(), &res.id()).await?;
+    }
+    let res = super::apply::apply_async(&ctx, sig, Call::default()).await?;
+    Ok(AsyncResult::new(res.id(), app.clone()).with_tuple(res.as_tuple()))
 }
 
-/// Sends one plain task signature.
-pub(crate) async fn send_one(app: &App, signature: Signature) -> Result<AsyncResult, Error> {
+fn flatten_in_order(tasks: Vec<Sig>) -> Vec<Sig> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        match t.node {
+            Node::Group(inner) => out.extend(flatten_in_order(inner)),
+            Node::Chain(ref steps) if steps.is_empty() => {}
+            _ => out.push(t),
+        }
+    }
+    out
+}
+
+/// Sends `signature` from a running task: it is the parent, and the result joins its
+/// `children`.
+pub(crate) async fn apply_from(request: &Request, signature: Signature) -> Result<AsyncResult, Error> {
+    let ctx = Ctx {
+        app: request.app.clone(),
+        current: Some(Current {
+            id: request.id.clone(),
+            root_id: request.root_id.clone(),
+            priority: Some(request.priority),
+            trail: request.children.clone(),
+        }),
+        headers: Map::new(),
+    };
+    let sig = Sig::from_signature(signature).map_err(|e| super::apply::canvas_error("signature", e))?;
+    let res = super::apply::apply_async(&ctx, sig, Call::default()).await?;
+    Ok(AsyncResult::new(res.id(), request.app.clone()).with_tuple(res.as_tuple()))
+}
+
+/// Sends one plain task signature (options already merged).
+pub(crate) async fn send_one(app: &App, signature: Signature) -> Result<(), Error> {
     let (queue, message) = build_message(app, &signature, Utc::now())?;
     if app.config().task_always_eager {
         // Boxed: an eager task may send further tasks, which run eagerly too.
-        return Box::pin(crate::worker::eager::run(app, message)).await;
+        Box::pin(crate::worker::eager::run(app, message)).await?;
+        return Ok(());
     }
     app.broker().publish(&queue, &message).await?;
-    Ok(AsyncResult::new(message.headers.id.clone(), app.clone()))
+    Ok(())
 }
 
 fn text(options: &Map<String, Value>, key: &str) -> Option<String> {
@@ -63,6 +103,65 @@ fn absolute(options: &Map<String, Value>, key: &str, now: DateTime<Utc>) -> Opti
     }
 }
 
+/// Options `send_task` and `send_task_message` consume; any other option becomes a message
+/// property, as kombu's `publish(**properties)` makes it (e.g. `app_id`).
+const CONSUMED: &[&str] = &[
+    "task_id",
+    "countdown",
+    "eta",
+    "expires",
+    "link",
+    "link_error",
+    "group_id",
+    "group_index",
+    "retries",
+    "chord",
+    "reply_to",
+    "time_limit",
+    "soft_time_limit",
+    "root_id",
+    "parent_id",
+    "shadow",
+    "chain",
+    "replaced_task_nesting",
+    "ignore_result",
+    "stamped_headers",
+    "queue",
+    "exchange",
+    "routing_key",
+    "headers",
+    "priority",
+    "serializer",
+    "compression",
+    "delivery_mode",
+    "retry",
+    "retry_policy",
+    "producer",
+    "connection",
+    "publisher",
+    "router",
+    "route_name",
+    "result_cls",
+    "task_type",
+    "add_to_parent",
+    "argsrepr",
+    "kwargsrepr",
+    "declare",
+    "exchange_type",
+    "timeout",
+    "confirm_timeout",
+    "use_link",
+    "compensation",
+    "interval",
+    "max_retries",
+    "eager",
+    "header_delay",
+    "expiration",
+    "mandatory",
+    "immediate",
+    "origin",
+];
+
 /// The queue and message for `signature`, as Celery's `send_task` builds them.
 pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>) -> Result<(String, Message), Error> {
     let options = &signature.options;
@@ -74,29 +173,52 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
     headers.group = text(options, "group_id");
     headers.group_index = options.get("group_index").and_then(Value::as_u64);
     headers.shadow = text(options, "shadow");
-    let eta = match seconds(options, "countdown") {
+    let eta = match seconds(options, "countdown").filter(|c| *c != 0.0) {
         Some(c) => Some(now + chrono::Duration::microseconds((c * 1e6) as i64)),
         None => absolute(options, "eta", now),
     };
     headers.eta = eta.map(|t| time::to_iso(&t));
     let expires = absolute(options, "expires", now);
-    headers.expires = expires.map(|t| time::to_iso(&t));
-    let limit = |opt: &str, task: Option<f64>| seconds(options, opt).or(task).and_then(Number::from_f64);
+    headers.expires = match options.get("expires") {
+        // A retry passes the expiry on as the text it was: keep it exactly.
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => expires.map(|t| time::to_iso(&t)),
+    };
+    let limit = |opt: &str, task: Option<f64>| match options.get(opt) {
+        Some(Value::Number(n)) => Some(n.clone()),
+        Some(Value::Null) => None,
+        Some(other) => other.as_f64().and_then(Number::from_f64),
+        None => task.and_then(Number::from_f64),
+    };
     headers.timelimit = (
         limit("time_limit", registered.as_ref().and_then(|o| o.time_limit)),
         limit("soft_time_limit", registered.as_ref().and_then(|o| o.soft_time_limit)),
     );
-    headers.argsrepr = Some(args_repr(&signature.args));
-    headers.kwargsrepr = Some(py_repr(&Value::Object(signature.kwargs.clone())));
-    headers.origin = Some(app.origin().to_owned());
+    headers.argsrepr = Some(text(options, "argsrepr").unwrap_or_else(|| args_repr(&signature.args)));
+    headers.kwargsrepr =
+        Some(text(options, "kwargsrepr").unwrap_or_else(|| py_repr(&Value::Object(signature.kwargs.clone()))));
+    headers.origin = Some(text(options, "origin").unwrap_or_else(|| app.origin().to_owned()));
     headers.ignore_result = options
         .get("ignore_result")
         .and_then(Value::as_bool)
         .or(registered.as_ref().and_then(|o| o.ignore_result))
         .unwrap_or(app.config().task_ignore_result);
     headers.retries = options.get("retries").and_then(Value::as_u64).unwrap_or(0) as u32;
+    headers.replaced_task_nesting = options.get("replaced_task_nesting").and_then(Value::as_u64).unwrap_or(0) as u32;
+    let stamped: Vec<String> = match options.get("stamped_headers") {
+        Some(Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => Vec::new(),
+    };
+    if !stamped.is_empty() {
+        headers.stamped_headers = Some(Value::from(stamped.clone()));
+        for name in &stamped {
+            headers.stamps.insert(name.clone(), options.get(name).cloned().unwrap_or(Value::Null));
+        }
+    }
     if let Some(Value::Object(extra)) = options.get("headers") {
-        headers.extra.extend(extra.clone());
+        for (k, v) in extra {
+            headers.extra.insert(k.clone(), v.clone());
+        }
     }
     if let Some(comp) = options.get("compensation") {
         headers.extra.insert(super::saga::COMPENSATION.into(), comp.clone());
@@ -108,7 +230,13 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
             callbacks: signatures(options, "link")?,
             errbacks: signatures(options, "link_error")?,
             chain: signatures(options, "chain")?,
-            chord: options.get("chord").and_then(|c| serde_json::from_value(c.clone()).ok()),
+            chord: match options.get("chord") {
+                None | Some(Value::Null) => None,
+                Some(c) => Some(
+                    serde_json::from_value(c.clone())
+                        .map_err(|source| Error::Encode { task: "chord".into(), source })?,
+                ),
+            },
             extra: Map::new(),
         }),
     };
@@ -117,6 +245,7 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
         None => app.config().route(&signature.task, registered.as_ref().and_then(|o| o.queue.as_deref())),
     };
     let mut message = Message::new(headers, &body, &queue);
+    message.properties.reply_to = Some(text(options, "reply_to").unwrap_or_else(|| app.oid().to_owned()));
     message.properties.priority = options
         .get("priority")
         .and_then(Value::as_u64)
@@ -126,6 +255,11 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
         .unwrap_or(0);
     if let Some(exp) = expires {
         message.properties.expiration = Some(((exp - now).num_milliseconds().max(0)).to_string());
+    }
+    for (k, v) in options {
+        if !CONSUMED.contains(&k.as_str()) && !stamped.iter().any(|s| s == k) {
+            message.properties.extra.insert(k.clone(), v.clone());
+        }
     }
     Ok((queue, message))
 }

@@ -19,7 +19,8 @@ pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Resu
     let mut groups = Vec::new();
     collect_groups(frozen, &mut groups);
     for (gid, members) in groups {
-        app.backend().put_record(&format!("group:{gid}"), &Value::from(members), expires).await?;
+        let tuple = super::result::Res::group(gid.clone(), members.into_iter().map(super::result::Res::task).collect());
+        app.backend().save_group(&gid, &tuple.as_tuple(), expires).await?;
     }
     app.backend().put_record(&format!("workflow:{result_id}"), &value, expires).await?;
     if let Some(first) = first_task_id(frozen)

@@ -465,25 +465,37 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
     let late = call.effective.acks_late;
     match decision {
         Decision::Success(value) => {
-            let children = crate::canvas::dispatch::on_success(call, &value).await;
-            call.succeeded(&value, &children).await;
+            // Callbacks and the next chain step go out first, so they are the result's children.
+            crate::canvas::dispatch::on_success(call, &value).await;
+            call.succeeded(&value).await;
+            crate::canvas::dispatch::after_success(call, &value).await;
             ctx.stats.succeeded.fetch_add(1, Ordering::Relaxed);
             if late {
                 settle_ack(&ctx.app, d).await;
             }
         }
-        Decision::Retry { eta, exc } => {
+        Decision::Retry { eta, exc, changes } => {
             call.retrying(exc.as_ref()).await;
             ctx.stats.retried.fetch_add(1, Ordering::Relaxed);
-            let next = call.retry_message(eta);
-            if let Err(e) = broker.republish(d, next.queue(), &next).await {
-                tracing::error!(task_id = %call.request.id, error = %e, "could not publish the retry");
+            match call.retry_message(eta, &changes) {
+                Ok((queue, next)) => {
+                    if let Err(e) = broker.republish(d, &queue, &next).await {
+                        tracing::error!(task_id = %call.request.id, error = %e, "could not publish the retry");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %call.request.id, error = %e, "could not build the retry; failing the task");
+                    let exc = ExceptionInfo::new("Reject", e.to_string(), crate::protocol::CELERY_EXCEPTIONS);
+                    call.failed(&exc, None).await;
+                    crate::canvas::dispatch::on_failure(call, &exc, None).await;
+                    dead_letter(ctx, d, &format!("retry could not be sent: {e}")).await;
+                }
             }
         }
         Decision::Failure { exc, traceback, timed_out } => {
             tracing::warn!(task_id = %call.request.id, task = %call.request.task, error = %exc, "task failed");
-            call.failed(&exc, traceback).await;
-            crate::canvas::dispatch::on_failure(call, &exc).await;
+            call.failed(&exc, traceback.clone()).await;
+            crate::canvas::dispatch::on_failure(call, &exc, traceback.as_deref()).await;
             ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
             if late && timed_out && !ctx.app.config().task_acks_on_failure_or_timeout {
                 let _ = broker.requeue(d, None).await;
@@ -499,10 +511,22 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             if late {
                 let _ = broker.requeue(d, None).await;
             } else {
-                let _ = broker.publish(call.message.queue(), &call.message).await;
+                let mut copy = call.message.clone();
+                copy.headers.extra.insert("redelivered".into(), true.into());
+                copy.properties.delivery_info.extra.insert("redelivered".into(), true.into());
+                let _ = broker.publish(call.message.queue(), &copy).await;
             }
         }
         Decision::Reject { requeue: false, reason } => {
+            // Celery 5.7 records a terminal FAILURE (`Reject(reason, False)`), then drops the
+            // message; we keep it in the dead-letter queue.
+            let exc = ExceptionInfo {
+                exc_type: "Reject".into(),
+                exc_message: vec![reason.clone().into(), false.into()],
+                exc_module: crate::protocol::CELERY_EXCEPTIONS.into(),
+            };
+            call.failed(&exc, None).await;
+            crate::canvas::dispatch::on_failure(call, &exc, None).await;
             dead_letter(ctx, d, &format!("rejected by the task: {reason}")).await
         }
         Decision::Ignore => {
@@ -513,7 +537,7 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
         Decision::BadArguments(e) => {
             let exc = ExceptionInfo::type_error(e.to_string());
             call.failed(&exc, None).await;
-            crate::canvas::dispatch::on_failure(call, &exc).await;
+            crate::canvas::dispatch::on_failure(call, &exc, None).await;
             ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
             dead_letter(ctx, d, &format!("arguments do not fit: {e}")).await;
         }

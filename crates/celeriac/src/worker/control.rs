@@ -42,6 +42,19 @@ pub(crate) async fn run(control: Control) {
     }
 }
 
+/// Broadcasts a remote-control command to every worker without waiting for replies, as
+/// `app.control.broadcast(method, arguments=...)` does; `false` when the broker has no
+/// broadcast.
+pub(crate) async fn broadcast(app: &App, method: &str, arguments: Value) -> Result<bool, crate::Error> {
+    let body = json!({"method": method, "arguments": arguments, "destination": null, "pattern": null, "matcher": null});
+    let expires = chrono::Utc::now().timestamp_micros() as f64 / 1e6 + 1.0;
+    let mut headers = Map::new();
+    headers.insert("clock".into(), Value::from(1));
+    headers.insert("expires".into(), Value::from(expires));
+    let envelope = Envelope::new(body, headers, "celery.pidbox", "", 2);
+    Ok(app.broker().publish_fanout("celery.pidbox", "", &envelope.to_wire()).await?)
+}
+
 fn ok(text: impl Into<String>) -> Value {
     json!({"ok": text.into()})
 }

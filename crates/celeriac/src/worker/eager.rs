@@ -18,7 +18,7 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
         .task(&name)
         .cloned()
         .ok_or_else(|| Error::NotRegistered { suggestion: app.suggest_task(&name), name: name.clone() })?;
-    let body = message.task_body()?;
+    let mut body = message.task_body()?;
     loop {
         let effective = Effective::new(app, task.as_ref(), &message);
         let request = executor::request(app, &message, &body, "eager@localhost", false, true);
@@ -35,13 +35,17 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
         let decision = executor::name_failure(executor::run(task.clone(), request, &call.effective).await, &name, &id);
         let failure = match decision {
             Decision::Success(value) => {
-                let children = crate::canvas::dispatch::on_success(&call, &value).await;
-                call.succeeded(&value, &children).await;
+                crate::canvas::dispatch::on_success(&call, &value).await;
+                call.succeeded(&value).await;
+                crate::canvas::dispatch::after_success(&call, &value).await;
                 None
             }
-            Decision::Retry { exc, .. } => {
+            Decision::Retry { exc, changes, .. } => {
                 call.retrying(exc.as_ref()).await;
-                message.headers.retries += 1;
+                // No waiting in eager mode: the retry runs at once, with its new arguments.
+                let (_, next) = call.retry_message(chrono::Utc::now(), &changes)?;
+                message = next;
+                body = message.task_body()?;
                 continue;
             }
             Decision::Failure { exc, traceback, .. } => Some((exc, traceback)),
@@ -53,7 +57,7 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
         };
         if let Some((exc, traceback)) = failure {
             call.failed(&exc, traceback.clone()).await;
-            crate::canvas::dispatch::on_failure(&call, &exc).await;
+            crate::canvas::dispatch::on_failure(&call, &exc, traceback.as_deref()).await;
             if app.config().task_eager_propagates {
                 return Err(Error::TaskFailed { task_id: id, exc, traceback });
             }

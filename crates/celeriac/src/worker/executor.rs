@@ -6,7 +6,7 @@
 use crate::app::App;
 use crate::protocol::{ExceptionInfo, Message, TaskBody};
 use crate::retry::RetryDecision;
-use crate::task::{Args, ArgumentError, Request, Task, TaskError, TaskOptions};
+use crate::task::{Args, ArgumentError, Request, Retry, Task, TaskError, TaskOptions};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::sync::Arc;
@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 pub(crate) enum Decision {
     /// Store SUCCESS with the value.
     Success(Value),
-    /// Publish again at `eta` with `retries + 1`; store RETRY with `exc`.
-    Retry { eta: DateTime<Utc>, exc: Option<ExceptionInfo> },
+    /// Publish again at `eta` with `retries + 1` (and the retry's new arguments and
+    /// options, if any); store RETRY with `exc`.
+    Retry { eta: DateTime<Utc>, exc: Option<ExceptionInfo>, changes: Box<Retry> },
     /// Store FAILURE.
     Failure { exc: ExceptionInfo, traceback: Option<String>, timed_out: bool },
     /// Reject the message.
@@ -81,7 +82,7 @@ pub(crate) fn request(
         expires: h.expires_time(),
         delivery_info: message.properties.delivery_info.clone(),
         priority: message.properties.priority,
-        redelivered,
+        redelivered: redelivered || h.extra.get("redelivered").and_then(Value::as_bool).unwrap_or(false),
         hostname: hostname.to_owned(),
         args: body.args.clone(),
         kwargs: body.kwargs.clone(),
@@ -89,11 +90,14 @@ pub(crate) fn request(
         app: app.clone(),
         soft_limit: CancellationToken::new(),
         children: Default::default(),
+        message: Some(Arc::new(message.clone())),
+        embed: body.embed.clone(),
     }
 }
 
 /// Runs the task and decides what its result means.
 pub(crate) async fn run(task: Arc<dyn Task>, request: Request, effective: &Effective) -> Decision {
+    let wraps = request.app.config().task_retry_exceeded_wraps_error;
     let args = Args::new(request.task.clone(), request.args.clone(), request.kwargs.clone());
     let retries = request.retries;
     let soft = request.soft_limit.clone();
@@ -132,7 +136,7 @@ pub(crate) async fn run(task: Arc<dyn Task>, request: Request, effective: &Effec
         }
         Some(Ok(result)) => result,
     };
-    decide(result, retries, &effective.options, soft.is_cancelled().then_some(effective.soft_time_limit).flatten())
+    decide(result, retries, &effective.options, wraps)
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {
@@ -149,13 +153,10 @@ fn panic_message(e: tokio::task::JoinError) -> String {
     }
 }
 
-/// Applies Celery's retry rules to a task's result.
-pub(crate) fn decide(
-    result: Result<Value, TaskError>,
-    retries: u32,
-    options: &TaskOptions,
-    _soft_hit: Option<f64>,
-) -> Decision {
+/// Applies Celery's retry rules to a task's result. Past `max_retries`, `wraps` fails with
+/// `MaxRetriesExceededError` carrying the last error; otherwise with the last error itself
+/// when there is one, as Celery does.
+pub(crate) fn decide(result: Result<Value, TaskError>, retries: u32, options: &TaskOptions, wraps: bool) -> Decision {
     let policy = &options.retry;
     let now = Utc::now();
     let after = |countdown: f64| now + chrono::Duration::milliseconds((countdown * 1000.0) as i64);
@@ -165,22 +166,34 @@ pub(crate) fn decide(
         Err(TaskError::Reject { requeue, reason }) => Decision::Reject { requeue, reason },
         Err(TaskError::Arguments(e)) => Decision::BadArguments(e),
         Err(TaskError::Failure { exc, traceback }) => match policy.on_error(&exc, retries) {
-            RetryDecision::Retry { countdown } => Decision::Retry { eta: after(countdown), exc: Some(exc) },
+            RetryDecision::Retry { countdown } => Decision::Retry {
+                eta: after(countdown),
+                exc: Some(exc),
+                changes: Box::new(Retry { countdown: Some(countdown), ..Retry::default() }),
+            },
             RetryDecision::Fail => Decision::Failure { exc, traceback, timed_out: false },
-            RetryDecision::MaxRetriesExceeded => max_exceeded(Some(&exc), traceback),
+            RetryDecision::MaxRetriesExceeded => max_exceeded(Some(exc), traceback, wraps),
         },
         Err(TaskError::Retry(r)) => match policy.on_retry_request(r.countdown, retries, r.max_retries) {
             RetryDecision::Retry { countdown } => {
-                Decision::Retry { eta: r.eta.unwrap_or_else(|| after(countdown)), exc: r.exc }
+                let eta = r.eta.unwrap_or_else(|| after(countdown));
+                Decision::Retry { eta, exc: r.exc.clone(), changes: r }
             }
-            _ => max_exceeded(r.exc.as_ref(), None),
+            _ => max_exceeded(r.exc.clone(), None, wraps),
         },
     }
 }
 
-fn max_exceeded(last: Option<&ExceptionInfo>, traceback: Option<String>) -> Decision {
-    // Task name and id are filled in by the caller, which knows them.
-    Decision::Failure { exc: ExceptionInfo::max_retries_exceeded("{task}", "{id}", last), traceback, timed_out: false }
+fn max_exceeded(last: Option<ExceptionInfo>, traceback: Option<String>, wraps: bool) -> Decision {
+    match last {
+        Some(exc) if !wraps => Decision::Failure { exc, traceback, timed_out: false },
+        last => Decision::Failure {
+            // Task name and id are filled in by the caller, which knows them.
+            exc: ExceptionInfo::max_retries_exceeded("{task}", "{id}", last.as_ref()),
+            traceback,
+            timed_out: false,
+        },
+    }
 }
 
 /// Fills the task name and id into a MaxRetriesExceededError message.
@@ -216,33 +229,35 @@ mod tests {
     #[test]
     fn flaky_errors_retry_until_the_budget_is_spent() {
         let flaky = || Err(TaskError::new("Flaky", "503"));
-        assert!(matches!(decide(flaky(), 0, &opts(Some(2)), None), Decision::Retry { .. }));
-        assert!(matches!(decide(flaky(), 1, &opts(Some(2)), None), Decision::Retry { .. }));
-        let Decision::Failure { exc, .. } = name_failure(decide(flaky(), 2, &opts(Some(2)), None), "t.x", "id1") else {
+        assert!(matches!(decide(flaky(), 0, &opts(Some(2)), true), Decision::Retry { .. }));
+        let Decision::Failure { exc, .. } = decide(flaky(), 2, &opts(Some(2)), false) else { panic!() };
+        assert_eq!(exc.exc_type, "Flaky", "Celery's way: the last error itself");
+        assert!(matches!(decide(flaky(), 1, &opts(Some(2)), true), Decision::Retry { .. }));
+        let Decision::Failure { exc, .. } = name_failure(decide(flaky(), 2, &opts(Some(2)), true), "t.x", "id1") else {
             panic!()
         };
         assert_eq!(exc.exc_type, "MaxRetriesExceededError");
         assert!(exc.message().starts_with("Can't retry t.x[id1]"), "{}", exc.message());
         assert_eq!(exc.exc_message[1]["exc_type"], "Flaky", "carries the last error");
-        assert!(matches!(decide(Err(TaskError::new("Fatal", "x")), 0, &opts(Some(2)), None), Decision::Failure { .. }));
+        assert!(matches!(decide(Err(TaskError::new("Fatal", "x")), 0, &opts(Some(2)), true), Decision::Failure { .. }));
     }
 
     #[test]
     fn explicit_retry_uses_its_countdown_and_eta() {
         let before = Utc::now();
         let Decision::Retry { eta, .. } =
-            decide(Err(TaskError::retry().countdown(60.0).into()), 0, &opts(Some(3)), None)
+            decide(Err(TaskError::retry().countdown(60.0).into()), 0, &opts(Some(3)), true)
         else {
             panic!()
         };
         assert!(eta >= before + chrono::Duration::seconds(59) && eta <= Utc::now() + chrono::Duration::seconds(61));
         let fixed = before + chrono::Duration::hours(1);
-        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().eta(fixed).into()), 0, &opts(Some(3)), None)
+        let Decision::Retry { eta, .. } = decide(Err(TaskError::retry().eta(fixed).into()), 0, &opts(Some(3)), true)
         else {
             panic!()
         };
         assert_eq!(eta, fixed);
         let unlimited = TaskError::retry().max_retries(None).into();
-        assert!(matches!(decide(Err(unlimited), 99, &opts(Some(3)), None), Decision::Retry { .. }));
+        assert!(matches!(decide(Err(unlimited), 99, &opts(Some(3)), true), Decision::Retry { .. }));
     }
 }

@@ -15,6 +15,17 @@ mod shutdown;
 mod state;
 
 pub(crate) use outcome::Call;
+
+/// Revokes `ids` on every worker (a broadcast `revoke`) and stores REVOKED for those that
+/// have not run, as Celery's `GroupResult.revoke()` leads to.
+pub(crate) async fn revoke_everywhere(app: &App, ids: &[String]) {
+    if ids.is_empty() {
+        return;
+    }
+    if let Err(e) = control::broadcast(app, "revoke", serde_json::json!({"task_id": ids, "terminate": false})).await {
+        tracing::warn!(error = %e, "could not broadcast revoke");
+    }
+}
 pub use rate_limit::RateLimit;
 pub use shutdown::Shutdown;
 

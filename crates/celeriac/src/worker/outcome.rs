@@ -65,11 +65,11 @@ impl Call {
         }
     }
 
-    /// Stores SUCCESS and runs `on_success` / `after_return`.
-    pub(crate) async fn succeeded(&self, value: &Value, children: &[String]) {
+    /// Stores SUCCESS (with what the run and its callbacks sent as `children`) and runs
+    /// `on_success` / `after_return`.
+    pub(crate) async fn succeeded(&self, value: &Value) {
         let mut meta = self.meta(State::Success, value.clone());
-        let sent = self.request.sent_children();
-        meta.children = Some(sent.iter().chain(children).map(|c| crate::protocol::result_tuple(c)).collect());
+        meta.children = Some(self.request.trail());
         self.store(meta).await;
         self.task.on_success(&self.request, value);
         self.task.after_return(&self.request, &State::Success, value);
@@ -123,13 +123,99 @@ impl Call {
         self.store(meta).await;
     }
 
-    /// The retry message: same id, `retries + 1`, the new ETA, parent = this task (as Celery).
-    pub(crate) fn retry_message(&self, eta: chrono::DateTime<chrono::Utc>) -> Message {
-        let mut m = self.message.clone();
-        m.headers.retries += 1;
-        m.headers.eta = Some(crate::protocol::time::to_iso(&eta));
-        m.headers.parent_id = Some(self.request.id.clone());
-        m.properties.delivery_tag = Some(uuid::Uuid::new_v4().to_string());
-        m
+    /// The retry message, as Celery's `retry()` builds it with `signature_from_request`: the
+    /// same id, parent, root, group, chord, chain, callbacks, errbacks, expiry, time limits,
+    /// custom headers, stamps, priority and queue, `retries + 1`, the new ETA, and the
+    /// retry's own arguments and options if it gave any.
+    pub(crate) fn retry_message(
+        &self,
+        eta: chrono::DateTime<chrono::Utc>,
+        changes: &crate::task::Retry,
+    ) -> Result<(String, Message), crate::Error> {
+        use serde_json::Map;
+        let h = &self.message.headers;
+        let mut o = Map::new();
+        let text = |v: &Option<String>| v.clone().map(Value::String).unwrap_or(Value::Null);
+        o.insert("task_id".into(), Value::String(h.id.clone()));
+        o.insert("root_id".into(), text(&h.root_id));
+        o.insert("parent_id".into(), text(&h.parent_id));
+        o.insert("group_id".into(), text(&h.group));
+        o.insert("group_index".into(), h.group_index.map(Value::from).unwrap_or(Value::Null));
+        o.insert("shadow".into(), text(&h.shadow));
+        let embed = self.body.embed.clone().unwrap_or_default();
+        let to = |v: &Option<Vec<crate::protocol::Signature>>| {
+            v.as_ref().map(|s| serde_json::to_value(s).unwrap_or_default()).unwrap_or(Value::Null)
+        };
+        o.insert(
+            "chord".into(),
+            embed.chord.as_ref().map(|c| serde_json::to_value(c).unwrap_or_default()).unwrap_or(Value::Null),
+        );
+        o.insert("chain".into(), to(&embed.chain));
+        o.insert("link".into(), to(&embed.callbacks));
+        o.insert("link_error".into(), to(&embed.errbacks));
+        o.insert("expires".into(), text(&h.expires));
+        let (hard, soft) = h.timelimit.clone();
+        o.insert("time_limit".into(), hard.map(Value::Number).unwrap_or(Value::Null));
+        o.insert("soft_time_limit".into(), soft.map(Value::Number).unwrap_or(Value::Null));
+        let mut custom = self.request.headers();
+        custom.retain(|k, _| !k.starts_with("x-death") && k != "x-first-death-exchange" && k != "redelivered");
+        o.insert("headers".into(), Value::Object(custom));
+        o.insert("retries".into(), Value::from(h.retries + 1));
+        o.insert("reply_to".into(), text(&self.message.properties.reply_to));
+        o.insert("replaced_task_nesting".into(), Value::from(h.replaced_task_nesting));
+        o.insert("origin".into(), text(&h.origin));
+        if let Some(Value::Array(names)) = &h.stamped_headers {
+            o.insert("stamped_headers".into(), Value::Array(names.clone()));
+            for (k, v) in &h.stamps {
+                o.insert(k.clone(), v.clone());
+            }
+        }
+        o.insert("ignore_result".into(), Value::Bool(h.ignore_result));
+        o.insert("priority".into(), Value::from(self.message.properties.priority));
+        o.insert("queue".into(), Value::String(self.message.queue().to_owned()));
+        o.insert("eta".into(), Value::String(crate::protocol::time::to_iso(&eta)));
+        for (k, v) in &changes.options {
+            o.insert(k.clone(), v.clone());
+        }
+        let (args, kwargs) = retry_arguments(self, changes);
+        let mut sig = crate::protocol::Signature::new(h.task.clone(), args);
+        sig.kwargs = kwargs;
+        sig.options = o;
+        crate::canvas::send::build_message(&self.app, &sig, chrono::Utc::now())
+    }
+}
+
+/// The retry's arguments. New positional arguments drop inherited keywords for the same
+/// parameters; new keywords take the place of inherited positional ones (Celery #6494).
+fn retry_arguments(call: &Call, changes: &crate::task::Retry) -> (Vec<Value>, serde_json::Map<String, Value>) {
+    let req = &call.request;
+    let params = call.task.params();
+    match (&changes.args, &changes.kwargs) {
+        (None, None) => (req.args.clone(), req.kwargs.clone()),
+        (Some(a), Some(k)) => (a.clone(), k.clone()),
+        (Some(a), None) => {
+            let mut kwargs = req.kwargs.clone();
+            for name in params.names.iter().take(a.len()) {
+                kwargs.remove(name);
+            }
+            (a.clone(), kwargs)
+        }
+        (None, Some(k)) => {
+            if !params.known || req.args.is_empty() {
+                return (req.args.clone(), k.clone());
+            }
+            // Bind the inherited positional arguments to names, then let the new keywords win.
+            let mut bound: Vec<(String, Value)> = params.names.iter().cloned().zip(req.args.iter().cloned()).collect();
+            let extra: Vec<Value> = req.args.iter().skip(params.names.len()).cloned().collect();
+            let mut kwargs = k.clone();
+            for (name, value) in bound.iter_mut() {
+                if let Some(v) = kwargs.remove(name.as_str()) {
+                    *value = v;
+                }
+            }
+            let mut args: Vec<Value> = bound.into_iter().map(|(_, v)| v).collect();
+            args.extend(extra);
+            (args, kwargs)
+        }
     }
 }
