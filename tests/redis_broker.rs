@@ -191,12 +191,26 @@ async fn a_worker_declares_its_queues_and_stops_blocking_when_it_stops() {
     .await;
     assert!(found, "the worker declared the binding before anything was published");
     assert!(common::eventually(Duration::from_secs(5), || async { !blocked_clients(url, 8).await.is_empty() }).await);
+    // An ETA task an hour away: the worker parks it in the delayed set.
+    let mut eta = message(0, 0);
+    eta.headers.task = "b.declared".into();
+    eta.headers.eta = Some((Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    app.broker().publish(queue, &eta).await.unwrap();
+    let parked = || async {
+        let n: u64 = redis::cmd("ZCARD").arg("celeriac.delayed").query_async(&mut conn(url).await).await.unwrap();
+        n
+    };
+    assert!(common::eventually(Duration::from_secs(5), || async { parked().await == 1 }).await);
+    assert_eq!(app.broker().parked().await.unwrap().len(), 1);
     shutdown.graceful();
     worker.await.unwrap();
-    // Stopped: no blocking pop left that could take a message for nobody.
+    // Stopped: no blocking pop left that could take a message for nobody, and the parked ETA
+    // task is back on its queue for whichever worker comes next.
     assert_eq!(blocked_clients(url, 8).await, Vec::<String>::new());
+    assert_eq!(parked().await, 0);
+    assert_eq!(list(url, queue).await, [eta.to_wire()]);
     App::builder().broker_url(url).build().await.unwrap().broker().publish(queue, &message(1, 0)).await.unwrap();
-    assert_eq!(len(url, queue).await, 1, "the message waits on its queue");
+    assert_eq!(len(url, queue).await, 2, "the messages wait on their queue");
 }
 
 /// A private TLS redis-server with a CA and a server certificate for 127.0.0.1 made by

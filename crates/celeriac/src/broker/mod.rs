@@ -179,9 +179,10 @@ pub trait Broker: Send + Sync + 'static {
     /// `wait` for the first one. Returns an empty list when nothing came.
     async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError>;
 
-    /// A consumer of this process stopped fetching (its worker is shutting down): a transport
-    /// that moves messages ahead of a claim (Redis blocking pops) gives back what it moved for
-    /// nobody, so nothing waits for the process to come back.
+    /// A consumer of this process stopped (its worker shut down, every delivery settled): a
+    /// transport that holds messages on the consumer's behalf (Redis: what blocking pops moved,
+    /// ETA messages parked until due) puts them back on their queues, so nothing waits for the
+    /// process to come back.
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
         Ok(())
     }

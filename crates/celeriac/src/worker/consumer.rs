@@ -106,9 +106,6 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
     let renewer = tokio::spawn(renew_leases(ctx.clone()));
     let cleaner = tokio::spawn(clean_expired_results(ctx.app.clone()));
     fetch_loop(&ctx, &tracker).await;
-    if let Err(e) = ctx.app.broker().stop_consuming().await {
-        tracing::warn!(error = %e, "could not give back what the broker took ahead of a fetch");
-    }
     tracker.close();
     let grace = Duration::from_secs_f64(ctx.options.shutdown_timeout.max(0.0));
     tokio::select! {
@@ -119,6 +116,11 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
             shutdown.immediate();
             tracker.wait().await;
         }
+    }
+    // Everything settled: what the broker holds for this consumer (blocking pops, parked ETA
+    // tasks) goes back to the queues.
+    if let Err(e) = ctx.app.broker().stop_consuming().await {
+        tracing::warn!(error = %e, "could not give back what the broker held for this worker");
     }
     renewer.abort();
     cleaner.abort();

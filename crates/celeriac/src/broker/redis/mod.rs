@@ -479,9 +479,42 @@ impl Broker for RedisBroker {
     }
 
     async fn stop_consuming(&self) -> Result<(), BrokerError> {
-        let returned = self.inner.watchers.release().await.map_err(err("give back"))?;
+        let me = &self.inner;
+        let returned = me.watchers.release().await.map_err(err("give back"))?;
         if returned > 0 {
             tracing::info!(returned, "gave back messages a blocking pop took as the worker stopped");
+        }
+        // The ETA messages this node parked go back to their queues (as a Celery worker gives
+        // back the ETA tasks of its timer when it stops): a Python worker finds them there,
+        // another Celeriac worker parks them again.
+        let (mut start, mut unparked) = (0i64, 0u64);
+        loop {
+            let page: Vec<String> = redis::cmd("ZRANGE")
+                .arg(&me.keys.delayed)
+                .arg(start)
+                .arg(start + 999)
+                .query_async(&mut me.conn())
+                .await
+                .map_err(err("unpark"))?;
+            if page.is_empty() {
+                break;
+            }
+            let ours: Vec<&String> = page
+                .iter()
+                .filter(|m| layout::parse_delayed(m).is_some_and(|(_, _, node)| node == me.keys.node))
+                .collect();
+            if !ours.is_empty() {
+                let mut invocation = me.scripts.unpark.prepare_invoke();
+                invocation.key(&me.keys.delayed);
+                for m in &ours {
+                    invocation.arg(m.as_str());
+                }
+                unparked += invocation.invoke_async::<u64>(&mut me.conn()).await.map_err(err("unpark"))?;
+            }
+            start += (page.len() - ours.len()) as i64;
+        }
+        if unparked > 0 {
+            tracing::info!(unparked, "gave back the ETA tasks this worker parked");
         }
         Ok(())
     }

@@ -123,6 +123,21 @@ end
 return #due
 "#;
 
+/// Puts parked (delayed) messages back on their lists before they are due: what a stopping
+/// worker parked goes where any worker, Python or Rust, finds it. KEYS: delayed. ARGV: the
+/// members.
+pub(super) const UNPARK: &str = r#"
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    local item = cjson.decode(ARGV[i])
+    redis.call('LPUSH', item[1], item[2])
+    n = n + 1
+  end
+end
+return n
+"#;
+
 /// Gives back what a blocking pop moved into a holding list: each message goes back to the
 /// front of the list it came from, in its original order. KEYS: holding list, source list.
 pub(super) const GIVE_BACK: &str = r#"
@@ -149,6 +164,7 @@ pub(super) struct Scripts {
     pub renew: redis::Script,
     pub restore: redis::Script,
     pub promote: redis::Script,
+    pub unpark: redis::Script,
     pub give_back: redis::Script,
     pub release: redis::Script,
 }
@@ -161,6 +177,7 @@ impl Scripts {
             renew: redis::Script::new(RENEW),
             restore: redis::Script::new(RESTORE),
             promote: redis::Script::new(PROMOTE),
+            unpark: redis::Script::new(UNPARK),
             give_back: redis::Script::new(GIVE_BACK),
             release: redis::Script::new(RELEASE),
         }
