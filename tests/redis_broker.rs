@@ -202,15 +202,29 @@ async fn a_worker_declares_its_queues_and_stops_blocking_when_it_stops() {
     };
     assert!(common::eventually(Duration::from_secs(5), || async { parked().await == 1 }).await);
     assert_eq!(app.broker().parked().await.unwrap().len(), 1);
+    // And one parked by a worker that was killed (its liveness key is gone).
+    let orphan = message(2, 0).to_wire();
+    let member = serde_json::json!([queue, String::from_utf8_lossy(&orphan), "0123456789abcdef"]).to_string();
+    redis::cmd("ZADD")
+        .arg("celeriac.delayed")
+        .arg(4_000_000_000_000i64)
+        .arg(member)
+        .query_async::<()>(&mut conn(url).await)
+        .await
+        .unwrap();
     shutdown.graceful();
     worker.await.unwrap();
     // Stopped: no blocking pop left that could take a message for nobody, and the parked ETA
-    // task is back on its queue for whichever worker comes next.
+    // tasks (its own and the dead node's) are back on their queue for whichever worker comes.
     assert_eq!(blocked_clients(url, 8).await, Vec::<String>::new());
     assert_eq!(parked().await, 0);
-    assert_eq!(list(url, queue).await, [eta.to_wire()]);
+    let mut back = list(url, queue).await;
+    back.sort();
+    let mut want = vec![eta.to_wire(), orphan];
+    want.sort();
+    assert_eq!(back, want);
     App::builder().broker_url(url).build().await.unwrap().broker().publish(queue, &message(1, 0)).await.unwrap();
-    assert_eq!(len(url, queue).await, 2, "the messages wait on their queue");
+    assert_eq!(len(url, queue).await, 3, "the messages wait on their queue");
 }
 
 /// A private TLS redis-server with a CA and a server certificate for 127.0.0.1 made by
@@ -362,4 +376,10 @@ async fn rediss_urls_speak_tls() {
     let insecure = open(&format!("rediss://127.0.0.1:{port}/0?ssl_cert_reqs=CERT_NONE"), 3600.0).await;
     insecure.publish("tls.q", &message(9, 0)).await.unwrap();
     assert_eq!(insecure.fetch(&["tls.q".to_owned()], 1, Duration::from_secs(2)).await.unwrap().len(), 1);
+
+    // The result backend opens rediss:// through the redis crate (`#insecure`: no verification).
+    let backend = celeriac::backend::from_url(&format!("rediss://127.0.0.1:{port}/0#insecure")).await.unwrap();
+    let meta = celeriac::protocol::ResultMeta::new("tls-result", celeriac::State::Success, serde_json::json!(42));
+    backend.store(&meta, None).await.unwrap();
+    assert_eq!(backend.get("tls-result").await.unwrap().map(|m| m.result), Some(serde_json::json!(42)));
 }

@@ -159,7 +159,7 @@ impl Inner {
     }
 
     /// Whether `node`'s liveness key is gone (`cache` remembers the answers of one scan).
-    async fn is_dead(&self, cache: &mut HashMap<String, bool>, node: &str) -> Result<bool, BrokerError> {
+    pub(super) async fn is_dead(&self, cache: &mut HashMap<String, bool>, node: &str) -> Result<bool, BrokerError> {
         if let Some(dead) = cache.get(node) {
             return Ok(*dead);
         }

@@ -486,7 +486,10 @@ impl Broker for RedisBroker {
         }
         // The ETA messages this node parked go back to their queues (as a Celery worker gives
         // back the ETA tasks of its timer when it stops): a Python worker finds them there,
-        // another Celeriac worker parks them again.
+        // another Celeriac worker parks them again. So do those of stopped nodes (a `kill -9`).
+        // node → whether its parked messages go back: ours, those of nodes without a liveness
+        // key, and members older than node names in them.
+        let mut returnable = HashMap::from([(me.keys.node.clone(), true), (String::new(), true)]);
         let (mut start, mut unparked) = (0i64, 0u64);
         loop {
             let page: Vec<String> = redis::cmd("ZRANGE")
@@ -499,19 +502,22 @@ impl Broker for RedisBroker {
             if page.is_empty() {
                 break;
             }
-            let ours: Vec<&String> = page
-                .iter()
-                .filter(|m| layout::parse_delayed(m).is_some_and(|(_, _, node)| node == me.keys.node))
-                .collect();
-            if !ours.is_empty() {
+            let mut give_back = Vec::new();
+            for m in &page {
+                let Some((_, _, node)) = layout::parse_delayed(m) else { continue };
+                if me.is_dead(&mut returnable, &node).await? {
+                    give_back.push(m.as_str());
+                }
+            }
+            if !give_back.is_empty() {
                 let mut invocation = me.scripts.unpark.prepare_invoke();
                 invocation.key(&me.keys.delayed);
-                for m in &ours {
-                    invocation.arg(m.as_str());
+                for m in &give_back {
+                    invocation.arg(*m);
                 }
                 unparked += invocation.invoke_async::<u64>(&mut me.conn()).await.map_err(err("unpark"))?;
             }
-            start += (page.len() - ours.len()) as i64;
+            start += (page.len() - give_back.len()) as i64;
         }
         if unparked > 0 {
             tracing::info!(unparked, "gave back the ETA tasks this worker parked");
