@@ -53,6 +53,7 @@ fn message(n: u32, priority: u8) -> Message {
 async fn publish_many_queues_a_batch_in_order_in_one_go() {
     let Some(url) = common::redis_url(14).await else { return };
     let broker = open(&url, 3600.0).await;
+    assert_eq!(broker.stats().await.unwrap(), [], "no queue declared yet");
     let batch: Vec<(String, Message)> = (0..40u32)
         .map(|n| {
             (if n % 2 == 0 { "batch.a" } else { "batch.b" }.to_owned(), message(n, if n % 4 == 1 { 6 } else { 0 }))
@@ -75,6 +76,8 @@ async fn publish_many_queues_a_batch_in_order_in_one_go() {
     }
     assert_eq!(members(&url, "_kombu.binding.batch.a").await, ["batch.a\x06\x16\x06\x16batch.a"]);
     assert_eq!(members(&url, "_kombu.binding_permanent.batch.b").await, ["batch.b\x06\x16\x06\x16batch.b"]);
+    let counts: Vec<(String, u64)> = broker.stats().await.unwrap().into_iter().map(|q| (q.queue, q.ready)).collect();
+    assert_eq!(counts, [("batch.a".to_owned(), 20), ("batch.b".to_owned(), 20)]);
 
     // Consumed in the same order, priority 0 first.
     let got = broker.fetch(&["batch.b".to_owned()], 100, Duration::from_secs(1)).await.unwrap();

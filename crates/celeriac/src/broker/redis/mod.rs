@@ -707,7 +707,8 @@ impl Broker for RedisBroker {
                 pipe.cmd("LLEN").arg(me.keys.list(q, step));
             }
         }
-        let lens: Vec<u64> = pipe.query_async(&mut conn).await.map_err(err("stats"))?;
+        let lens: Vec<u64> =
+            if queues.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await.map_err(err("stats"))? };
         let delayed: Vec<String> = redis::cmd("ZRANGE")
             .arg(&me.keys.delayed)
             .arg(0)
