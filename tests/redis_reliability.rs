@@ -208,3 +208,99 @@ async fn a_redis_restart_under_load_loses_nothing() {
     let _ = server.stop();
     assert_eq!(done, 300, "every task reached SUCCESS after the restart");
 }
+
+static STARTS: std::sync::Mutex<Vec<(u32, Instant)>> = std::sync::Mutex::new(Vec::new());
+
+#[task(name = "r.stamp", ignore_result = true)]
+async fn stamp(n: u32) -> TaskResult<()> {
+    STARTS.lock().unwrap().push((n, Instant::now()));
+    Ok(())
+}
+
+fn started_at(n: u32) -> Option<Instant> {
+    STARTS.lock().unwrap().iter().find(|(m, _)| *m == n).map(|(_, t)| *t)
+}
+
+/// Publish-to-start latency of a task reaching a worker that has been idle (nothing to do for
+/// 300 ms), with the worker's default 1 s fetch wait: the worker must be woken by the server
+/// (a blocking pop), not find the message at its next poll.
+#[tokio::test]
+async fn an_idle_worker_starts_a_new_task_within_milliseconds() {
+    let Some(url) = common::redis_url(8).await else { return };
+    let app = App::builder().broker_url(&url).task(stamp).build().await.unwrap();
+    let mut options = common::fast_options(&app, 1);
+    options.poll_wait = Duration::from_secs(1);
+    let (shutdown, worker) = celeriac::Worker::new(&app).options(options).spawn();
+    // A first task: the worker is up and consuming.
+    stamp::delay(&app, 0).await.unwrap();
+    assert!(common::eventually(Duration::from_secs(10), || async { started_at(0).is_some() }).await);
+    let mut ms = Vec::new();
+    for n in 1..=20 {
+        tokio::time::sleep(Duration::from_millis(300)).await; // idle: the condition measured
+        let sent = Instant::now();
+        stamp::delay(&app, n).await.unwrap();
+        assert!(common::eventually(Duration::from_secs(10), || async { started_at(n).is_some() }).await);
+        ms.push(started_at(n).unwrap().duration_since(sent).as_secs_f64() * 1000.0);
+    }
+    shutdown.graceful();
+    worker.await.unwrap();
+    ms.sort_by(f64::total_cmp);
+    let (p50, p90, max) = (ms[ms.len() / 2], ms[ms.len() * 9 / 10], ms[ms.len() - 1]);
+    eprintln!("idle-to-start latency over {} tasks: p50 {p50:.2} ms, p90 {p90:.2} ms, max {max:.2} ms", ms.len());
+    assert!(p50 < 15.0, "p50 {p50:.2} ms: an idle worker should be woken by the server, not by a poll");
+}
+
+static LONG_RUNS: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Longer than a node's liveness key lives (10 s) plus a recovery scan (5 s).
+const LONG_TASK: Duration = Duration::from_secs(17);
+
+#[task(name = "r.long", acks_late = true)]
+async fn long_task(n: u32) -> TaskResult<u32> {
+    LONG_RUNS.lock().unwrap().push(n);
+    tokio::time::sleep(LONG_TASK).await;
+    Ok(n)
+}
+
+fn saturated_worker(app: &App, queue: &str) -> (celeriac::Shutdown, tokio::task::JoinHandle<celeriac::WorkerSummary>) {
+    let mut options = common::fast_options(app, 1);
+    options.prefetch_multiplier = 1; // one unacknowledged message: busy means no fetching
+    options.queues = vec![queue.into()];
+    celeriac::Worker::new(app).options(options).spawn()
+}
+
+/// Two workers, each busy with one `acks_late` task that runs longer than the liveness key
+/// lives, and so not fetching; a third, idle, worker scans for dead nodes all along. The busy
+/// workers stay alive (their liveness is refreshed by a timer, not by fetching), so nothing is
+/// given back and each task runs exactly once.
+#[tokio::test]
+async fn saturated_workers_with_long_tasks_stay_alive() {
+    let Some(url) = common::redis_url(11).await else { return };
+    let app = |_: u8| async { App::builder().broker_url(&url).task(long_task).build().await.unwrap() };
+    let (a, b, observer) = (app(0).await, app(1).await, app(2).await);
+    let results = [long_task::delay(&a, 0).await.unwrap(), long_task::delay(&a, 1).await.unwrap()];
+    let workers = [saturated_worker(&a, "celery"), saturated_worker(&b, "celery"), saturated_worker(&observer, "idle")];
+    assert!(common::eventually(Duration::from_secs(10), || async { LONG_RUNS.lock().unwrap().len() == 2 }).await);
+    let started = Instant::now();
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    // Past the liveness key's lifetime: the busy nodes are still alive.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let alive: Vec<String> = redis::cmd("KEYS").arg("celeriac.alive.*").query_async(&mut conn).await.unwrap();
+    assert_eq!(alive.len(), 3, "three nodes alive 12 s into their tasks: {alive:?}");
+    for r in &results {
+        r.get::<u32>(Duration::from_secs(30)).await.unwrap();
+    }
+    assert!(started.elapsed() >= LONG_TASK - Duration::from_secs(1));
+    // Nothing was given back: no second copy waits or runs.
+    let waiting: u64 = redis::cmd("LLEN").arg("celery").query_async(&mut conn).await.unwrap();
+    let unacked: u64 = redis::cmd("HLEN").arg("unacked").query_async(&mut conn).await.unwrap();
+    for (shutdown, _) in &workers {
+        shutdown.graceful();
+    }
+    for (_, handle) in workers {
+        handle.await.unwrap();
+    }
+    let mut runs = LONG_RUNS.lock().unwrap().clone();
+    runs.sort();
+    assert_eq!((waiting, unacked, runs), (0, 0, vec![0, 1]), "each long task ran exactly once");
+}

@@ -2,7 +2,9 @@
 //! tests in `tests/interop/` (run by `tests/interop/run.sh`). A Python Celery client calls them
 //! through its stub tasks of the same names in `tests/interop/interop_app.py`.
 //!
-//! Every task is routed to the queue `rust`, so a Python worker on `python` never sees them.
+//! Every `rust.*` task is routed to the queue `rust`, so a Python worker on `python` never
+//! sees them. `shared.work` is also a task of the Python app: both kinds of worker consume the
+//! queue `shared` (tests/interop/test_shared_queue.py).
 //!
 //! ```text
 //! cargo build -p celeriac --example interop_worker
@@ -74,6 +76,25 @@ async fn tsum(numbers: Vec<i64>) -> TaskResult<i64> {
     Ok(numbers.iter().sum())
 }
 
+/// One run of a task both languages have: logs `start`/`done` lines (`<n> rust <pid>`) to
+/// the file `INTEROP_SHARED_LOG` names, sleeping `seconds` in between.
+#[task(name = "shared.work", queue = "shared", acks_late = true, bind = true)]
+async fn shared_work(req: Request, n: i64, seconds: f64) -> TaskResult<Value> {
+    let log = |what: &str| -> TaskResult<()> {
+        let Some(path) = std::env::var_os("INTEROP_SHARED_LOG") else { return Ok(()) };
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        std::io::Write::write_all(
+            &mut f,
+            format!("{what} {n} rust {} {}\n", std::process::id(), req.redelivered).as_bytes(),
+        )?;
+        Ok(())
+    };
+    log("start")?;
+    tokio::time::sleep(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).await;
+    log("done")?;
+    Ok(json!(["rust", n]))
+}
+
 fn main() -> ExitCode {
     celeriac::cli::main(
         App::builder()
@@ -86,6 +107,7 @@ fn main() -> ExitCode {
             .task(retry_once)
             .task(kwargs_only)
             .task(sleep)
-            .task(tsum),
+            .task(tsum)
+            .task(shared_work),
     )
 }

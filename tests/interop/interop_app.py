@@ -8,12 +8,19 @@ languages:
   run. They are routed to the queue ``rust``.
 - ``py.*`` are real tasks, run by a Python worker on the queue ``python``
   (``celery -A interop_app worker -Q python``), for messages sent by Rust.
+- ``shared.work`` is a real task on both sides (here and in ``examples/interop_worker``),
+  routed to the queue ``shared`` that a Python and a Rust worker consume together
+  (``test_shared_queue.py``).
 
 Environment:
-  INTEROP_REDIS_URL  broker and backend URL (default redis://127.0.0.1:6379/12)
+  INTEROP_REDIS_URL           broker and backend URL (default redis://127.0.0.1:6379/12)
+  INTEROP_SHARED_LOG          the file ``shared.work`` logs its runs to (no log when unset)
+  INTEROP_VISIBILITY_TIMEOUT  kombu's ``visibility_timeout`` in seconds, with the unacked
+                              restore scan every second (default: kombu's, one hour)
 """
 
 import os
+import time
 
 from celery import Celery
 
@@ -22,10 +29,19 @@ REDIS_URL = os.environ.get("INTEROP_REDIS_URL", "redis://127.0.0.1:6379/12")
 app = Celery("interop_app", broker=REDIS_URL, backend=REDIS_URL)
 app.conf.update(
     # Everything else stays at Celery's defaults: json, protocol 2, UTC.
-    task_routes={"rust.*": {"queue": "rust"}, "py.*": {"queue": "python"}},
+    task_routes={"rust.*": {"queue": "rust"}, "py.*": {"queue": "python"}, "shared.*": {"queue": "shared"}},
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+
+if os.environ.get("INTEROP_VISIBILITY_TIMEOUT"):
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["INTEROP_VISIBILITY_TIMEOUT"]),
+        # kombu 5.7 scans every unacked_restore_interval * unacked_restore_throttle seconds
+        # (100 by default): every second here.
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
 
 NOT_HERE = "runs on the Rust worker (examples/interop_worker), not in Python"
 
@@ -111,3 +127,25 @@ def py_retry_once(self, x):
     if self.request.retries == 0:
         raise self.retry(countdown=1)
     return x
+
+
+# --------------------------------------------------------------------------
+# A task of both languages (queue "shared")
+# --------------------------------------------------------------------------
+
+
+def _shared_log(what, n, redelivered):
+    path = os.environ.get("INTEROP_SHARED_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{what} {n} py {os.getpid()} {str(bool(redelivered)).lower()}\n")
+
+
+@app.task(name="shared.work", acks_late=True, bind=True)
+def shared_work(self, n, seconds):
+    """Logs its start and end (``<n> py <pid>``), sleeping ``seconds`` in between."""
+    redelivered = (self.request.delivery_info or {}).get("redelivered")
+    _shared_log("start", n, redelivered)
+    time.sleep(seconds)
+    _shared_log("done", n, redelivered)
+    return ["py", n]

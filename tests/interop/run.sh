@@ -5,7 +5,8 @@
 #
 # Builds the interop worker and the celeriac CLI, creates (or reuses) the pinned venv, checks
 # Redis at 127.0.0.1:6379, flushes DB 12 (INTEROP_REDIS_DB to change it) and runs
-# tests/interop/test_interop.py and test_control.py (inspect, control, Flower). Without Redis
+# tests/interop/test_interop.py, test_control.py (inspect, control, Flower) and
+# test_shared_queue.py (a Python and a Rust worker on one queue, SIGKILL). Without Redis
 # it prints "SKIPPED: ..." and exits 0, unless CELERIAC_REQUIRE_SERVICES=1 (then it fails).
 # Every process it starts is stopped on exit.
 set -euo pipefail
@@ -95,7 +96,7 @@ export PYTHONDONTWRITEBYTECODE=1
 cd "$HERE"
 set +e
 "$PY" -m pytest -p no:cacheprovider --timeout 60 -v -rfEsxX --basetemp "$RUN_DIR/pytest" \
-    test_interop.py test_control.py "$@" &
+    test_interop.py test_control.py test_shared_queue.py "$@" &
 PYTEST_PID=$!
 wait "$PYTEST_PID"
 status=$?

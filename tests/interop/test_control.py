@@ -7,10 +7,13 @@ control").
   a subprocess, ``--destination`` the Rust node) against the session's Rust worker.
 - ``celery control revoke|terminate|rate_limit|shutdown``, each against a Rust worker of its
   own (its node name and queue unique to the test), as these change the worker's state.
+- ``celery control add_consumer|cancel_consumer|enable_events|disable_events|time_limit`` and
+  ``celery inspect reserved|scheduled|query_task`` (also with the worker of the test's own).
 - Flower 2.2.0 on the same Redis, with a Rust worker sending task events (``-E``): its
   ``/api/workers`` (which runs the inspect commands) and ``/api/tasks`` (built from events).
 """
 
+import base64
 import json
 import os
 import socket
@@ -20,9 +23,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime, timedelta, timezone
 
 import pytest
-from celery.exceptions import TaskRevokedError
+from celery.exceptions import TaskRevokedError, TimeLimitExceeded
 
 from conftest import HERE, REDIS_URL, Process, rust_env, rust_worker_cmd
 from interop_app import app, rust_add, rust_fail, rust_sleep
@@ -39,6 +43,7 @@ RUST_TASKS = [
     "rust.retry_once",
     "rust.sleep",
     "rust.tsum",
+    "shared.work",
 ]
 
 
@@ -294,6 +299,131 @@ def test_shutdown(dedicated_worker):
     assert b"worker stopped" in worker.log_path.read_bytes()
     gone = celery("inspect", "ping", "--destination", node, "--timeout", 1)
     assert gone.returncode != 0 and "No nodes replied" in gone.stdout + gone.stderr, gone
+
+
+def test_add_and_cancel_consumer(dedicated_worker, redis_client):
+    worker = dedicated_worker("consumer", 2)
+    node, queue = worker.node, worker.queue
+    extra, routed = f"{queue}_extra", f"{queue}_routed"
+    assert not redis_client.exists(f"_kombu.binding.{extra}")
+
+    assert control("add_consumer", node, extra) == {"ok": f"add consumer {extra}"}
+    # Declared by the worker (kombu's binding) before anything was published to it.
+    assert redis_client.smembers(f"_kombu.binding.{extra}") == {f"{extra}\x06\x16\x06\x16{extra}".encode()}
+    assert sorted(q["name"] for q in inspect("active_queues", node)) == sorted([queue, extra])
+    assert rust_add.apply_async((2, 2), queue=extra).get(timeout=TIMEOUT) == 4
+
+    # `add_consumer <queue> <exchange> <type> <routing_key>`: bound as given, so a message
+    # published to that exchange with that routing key (not the queue name) reaches it.
+    reply = control("add_consumer", node, routed, f"{routed}.ex", "direct", f"{routed}.key")
+    assert reply == {"ok": f"add consumer {routed}"}
+    binding = f"{routed}.key\x06\x16\x06\x16{routed}".encode()
+    assert redis_client.smembers(f"_kombu.binding.{routed}.ex") == {binding}
+    sent = rust_add.apply_async((3, 3), exchange=f"{routed}.ex", routing_key=f"{routed}.key")
+    assert sent.get(timeout=TIMEOUT) == 6
+
+    assert control("cancel_consumer", node, extra) == {"ok": f"no longer consuming from {extra}"}
+    assert sorted(q["name"] for q in inspect("active_queues", node)) == sorted([queue, routed])
+    waiting = rust_add.apply_async((4, 4), queue=extra)
+    marker = rust_add.apply_async((5, 5), queue=queue)
+    assert marker.get(timeout=TIMEOUT) == 10
+    time.sleep(1)  # the cancelled queue is not consumed: its message stays
+    assert waiting.state == "PENDING"
+    assert redis_client.llen(extra) == 1
+
+
+def task_events(pubsub, ids, seconds):
+    """`{task id: [event types]}` of the task events received within `seconds`."""
+    seen = {}
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        message = pubsub.get_message(timeout=0.1)
+        if not message or message["type"] != "pmessage":
+            continue
+        envelope = json.loads(message["data"])
+        event = json.loads(base64.b64decode(envelope["body"]))
+        if event.get("uuid") in ids:
+            seen.setdefault(event["uuid"], []).append(event["type"])
+    return seen
+
+
+def test_enable_and_disable_events(dedicated_worker, redis_client):
+    worker = dedicated_worker("events", 1)  # started without -E
+    node, queue = worker.node, worker.queue
+    pubsub = redis_client.pubsub()
+    pubsub.psubscribe(f"/{REDIS_URL.rsplit('/', 1)[1]}.celeryev/task.*")
+    try:
+        quiet = rust_add.apply_async((1, 1), queue=queue)
+        assert quiet.get(timeout=TIMEOUT) == 2
+
+        assert control("enable_events", node) == {"ok": "task events enabled"}
+        assert control("enable_events", node) == {"ok": "task events already enabled"}
+        loud = rust_add.apply_async((2, 2), queue=queue)
+        assert loud.get(timeout=TIMEOUT) == 4
+        seen = task_events(pubsub, {quiet.id, loud.id}, 2)
+        assert set(seen) == {loud.id}, seen
+        assert {"task-received", "task-started", "task-succeeded"} <= set(seen[loud.id]), seen
+
+        assert control("disable_events", node) == {"ok": "task events disabled"}
+        assert control("disable_events", node) == {"ok": "task events already disabled"}
+        quiet_again = rust_add.apply_async((3, 3), queue=queue)
+        assert quiet_again.get(timeout=TIMEOUT) == 6
+        assert task_events(pubsub, {quiet_again.id}, 1.5) == {}
+    finally:
+        pubsub.close()
+
+
+def test_time_limit(dedicated_worker):
+    worker = dedicated_worker("timelimit", 1)
+    node, queue = worker.node, worker.queue
+    assert control("time_limit", node, "rust.sleep", 1, 2) == {"ok": "time limits set successfully"}
+    # As Celery shows the task's attributes: Python floats.
+    registered = inspect("registered", node, "time_limit", "soft_time_limit")
+    assert "rust.sleep [time_limit=2.0 soft_time_limit=1.0]" in registered, registered
+    started = time.monotonic()
+    with pytest.raises(TimeLimitExceeded):
+        rust_sleep.apply_async((8,), queue=queue).get(timeout=TIMEOUT)
+    assert time.monotonic() - started < 6
+    [reply] = app.control.time_limit("rust.nope", soft=1, destination=[node], reply=True, timeout=5)
+    assert reply == {node: {"error": "unknown task"}}
+
+
+def test_reserved_scheduled_and_query_task(dedicated_worker):
+    worker = dedicated_worker("queries", 1, ["--prefetch-multiplier", "2"])
+    node, queue = worker.node, worker.queue
+    blocker = rust_sleep.apply_async((12,), queue=queue)
+    waiting = rust_add.apply_async((5, 5), queue=queue)
+    eta = datetime.now(timezone.utc) + timedelta(seconds=14)
+    later = rust_add.apply_async((6, 6), queue=queue, eta=eta)
+    wait_for("one reserved, one scheduled", lambda: (
+        [t["id"] for t in polled("reserved", node)] == [waiting.id]
+        and [t["request"]["id"] for t in polled("scheduled", node)] == [later.id]
+    ))
+
+    [info] = inspect("reserved", node)
+    assert (info["id"], info["name"], info["type"]) == (waiting.id, "rust.add", "rust.add")
+    assert (info["args"], info["kwargs"], info["hostname"]) == ([5, 5], {}, node)
+    assert (info["time_start"], info["acknowledged"]) == (None, False)
+    assert info["delivery_info"] == {"exchange": "", "routing_key": queue, "priority": 0, "redelivered": False}
+    assert isinstance(info["worker_pid"], int)
+
+    # ETA tasks the worker took early wait in the broker's delayed set: listed as Celery lists
+    # its timer entries (`priority` is the timer's, 6 for every ETA entry).
+    [entry] = inspect("scheduled", node)
+    assert set(entry) == {"eta", "priority", "request"}
+    assert datetime.fromisoformat(entry["eta"]) == eta
+    assert entry["priority"] == 6
+    request = entry["request"]
+    assert (request["id"], request["name"], request["args"], request["acknowledged"]) == (later.id, "rust.add", [6, 6], False)
+
+    found = inspect("query_task", node, blocker.id, waiting.id, later.id, str(uuid.uuid4()))
+    assert {i: kind for i, (kind, _) in found.items()} == {
+        blocker.id: "active", waiting.id: "reserved", later.id: "scheduled",
+    }, found
+    assert found[waiting.id][1]["args"] == [5, 5]
+
+    assert (blocker.get(timeout=TIMEOUT), waiting.get(timeout=TIMEOUT), later.get(timeout=TIMEOUT)) == (12, 10, 12)
+    assert inspect("scheduled", node) == []
 
 
 # --------------------------------------------------------------------------

@@ -7,7 +7,8 @@
 //! messages back when the lease runs out. Dead letters (messages that cannot or must not run)
 //! are kept by the broker with the reason and the original bytes.
 //!
-//! One module per transport: `memory` (in process), `sqlite` (embedded default).
+//! One module per transport: `memory` (in process), `sqlite` (embedded default), `redis`
+//! (kombu's layout, shared with Python Celery).
 
 pub mod memory;
 #[cfg(feature = "redis")]
@@ -32,6 +33,17 @@ pub enum BrokerError {
         url: String,
         /// What would work instead.
         hint: String,
+    },
+    /// A `rediss://` (TLS) connection could not be set up: not a TLS port, a certificate the
+    /// trusted CAs do not vouch for, a bad client certificate.
+    #[error(
+        "TLS connection to {url} failed: {problem} (is it the server's TLS port? is its CA in the system's roots or in ssl_ca_certs=<file>? ssl_cert_reqs=none skips verification)"
+    )]
+    Tls {
+        /// The URL (password removed).
+        url: String,
+        /// What the TLS layer reported.
+        problem: String,
     },
     /// The storage behind the broker failed.
     #[error("broker {operation} failed: {source}")]
@@ -110,6 +122,18 @@ pub struct QueueStats {
     pub leased: u64,
 }
 
+/// An ETA message a consumer of this process received early and parked in the broker until it
+/// is due (what Celery's `inspect scheduled` lists).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Parked {
+    /// When it goes back to its queue.
+    pub due: DateTime<Utc>,
+    /// Its queue.
+    pub queue: String,
+    /// The envelope bytes.
+    pub payload: Vec<u8>,
+}
+
 /// A message transport.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
@@ -134,9 +158,34 @@ pub trait Broker: Send + Sync + 'static {
         self.publish_raw(queue, &message.to_wire(), message.properties.priority, visible_at(message)).await
     }
 
+    /// Queues each `(queue, message)` in order, in one round trip (and all or nothing) where
+    /// the transport can: a group or a chord header goes out as one batch.
+    async fn publish_many(&self, messages: &[(&str, &Message)]) -> Result<(), BrokerError> {
+        for (queue, message) in messages {
+            self.publish(queue, message).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes `queue` receive what is published to `exchange` with `routing_key` (kombu's
+    /// binding), so that messages restored by any worker find it. Called when a worker starts
+    /// consuming a queue; publishing declares the default binding (exchange and routing key
+    /// named after the queue) too. A no-op where queues need no declaring.
+    async fn declare_queue(&self, _queue: &str, _exchange: &str, _routing_key: &str) -> Result<(), BrokerError> {
+        Ok(())
+    }
+
     /// Takes up to `max` due messages from `queues` (earlier queues first), waiting up to
     /// `wait` for the first one. Returns an empty list when nothing came.
     async fn fetch(&self, queues: &[String], max: usize, wait: Duration) -> Result<Vec<Delivery>, BrokerError>;
+
+    /// A consumer of this process stopped (its worker shut down, every delivery settled): a
+    /// transport that holds messages on the consumer's behalf (Redis: what blocking pops moved,
+    /// ETA messages parked until due) puts them back on their queues, so nothing waits for the
+    /// process to come back.
+    async fn stop_consuming(&self) -> Result<(), BrokerError> {
+        Ok(())
+    }
 
     /// Removes a delivered message for good. Acking a delivery whose lease was lost to
     /// another worker is a no-op that returns `false`.
@@ -177,6 +226,12 @@ pub trait Broker: Send + Sync + 'static {
     /// Counts per queue.
     async fn stats(&self) -> Result<Vec<QueueStats>, BrokerError>;
 
+    /// ETA messages that consumers of this process parked in the broker until due, soonest
+    /// first. Empty where ETA messages simply wait in their queue.
+    async fn parked(&self) -> Result<Vec<Parked>, BrokerError> {
+        Ok(Vec::new())
+    }
+
     /// Broadcasts on a fanout exchange (events, remote control), fire-and-forget. Returns
     /// `false` when the transport has no fanout (nothing was sent).
     async fn publish_fanout(&self, _exchange: &str, _routing_key: &str, _payload: &[u8]) -> Result<bool, BrokerError> {
@@ -198,7 +253,7 @@ pub trait Broker: Send + Sync + 'static {
     }
 }
 
-/// Opens the broker a URL names: `memory://`, `sqlite://path`.
+/// Opens the broker a URL names: `memory://`, `sqlite://path`, `redis://`, `rediss://`.
 pub async fn from_url(url: &str, config: &crate::Config) -> Result<Arc<dyn Broker>, BrokerError> {
     if url.starts_with("memory://") {
         return Ok(Arc::new(memory::MemoryBroker::new()));

@@ -101,6 +101,7 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
         prefetch: ctx.options.fetch_room(0, 0),
         processed: processed.clone(),
     }));
+    declare_queues(&ctx).await;
     let tracker = TaskTracker::new();
     let renewer = tokio::spawn(renew_leases(ctx.clone()));
     let cleaner = tokio::spawn(clean_expired_results(ctx.app.clone()));
@@ -116,11 +117,26 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
             tracker.wait().await;
         }
     }
+    // Everything settled: what the broker holds for this consumer (blocking pops, parked ETA
+    // tasks) goes back to the queues.
+    if let Err(e) = ctx.app.broker().stop_consuming().await {
+        tracing::warn!(error = %e, "could not give back what the broker held for this worker");
+    }
     renewer.abort();
     cleaner.abort();
     heartbeats.abort();
     control.abort();
     ctx.events.offline(processed()).await;
+}
+
+/// Declares the queues consumed (kombu's bindings), so that messages restored by any worker,
+/// Python or Rust, find them before anything was published to them.
+async fn declare_queues(ctx: &Ctx) {
+    for q in ctx.state.queues() {
+        if let Err(e) = ctx.app.broker().declare_queue(&q, &q, &q).await {
+            tracing::warn!(queue = %q, error = %e, "could not declare the queue");
+        }
+    }
 }
 
 /// Deletes expired results now and then (Celery leaves this to a `celery.backend_cleanup`
@@ -242,7 +258,7 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
         return dead_letter(ctx, d, &format!("unknown task {name:?}: not registered with this worker{hint}")).await;
     };
-    let info = request_info(&message, &body, d, &ctx.options.hostname);
+    let info = request_info(&message, &body, d.redelivered(), &ctx.options.hostname);
     if ctx.state.is_revoked(&id) {
         return revoked(ctx, d, &id, "revoked", false).await;
     }
@@ -279,10 +295,10 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
 }
 
 /// Celery's `Request.info()` for remote control.
-fn request_info(
+pub(crate) fn request_info(
     message: &Message,
     body: &crate::protocol::TaskBody,
-    d: &Delivery,
+    redelivered: bool,
     hostname: &str,
 ) -> serde_json::Map<String, serde_json::Value> {
     let json = serde_json::json!({
@@ -298,7 +314,7 @@ fn request_info(
             "exchange": message.properties.delivery_info.exchange,
             "routing_key": message.properties.delivery_info.routing_key,
             "priority": message.properties.priority,
-            "redelivered": d.redelivered(),
+            "redelivered": redelivered,
         },
         "worker_pid": std::process::id(),
     });

@@ -7,7 +7,8 @@ use super::Shutdown;
 use super::events::Events;
 use super::state::WorkerState;
 use crate::app::App;
-use crate::protocol::{Envelope, ExceptionInfo, ResultMeta, State, args_repr, py_repr};
+use crate::protocol::pyjson::python_float_repr;
+use crate::protocol::{Envelope, ExceptionInfo, Message, ResultMeta, State, args_repr, py_repr};
 use serde_json::{Map, Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -122,8 +123,7 @@ impl Control {
                 )
             }
             "reserved" | "dump_reserved" => Value::from(self.state.reserved()),
-            // ETA and countdown tasks wait in the broker, not in the worker: none is held here.
-            "scheduled" | "dump_schedule" => json!([]),
+            "scheduled" | "dump_schedule" => Value::from(self.scheduled().await),
             "revoked" | "dump_revoked" => Value::from(self.state.revoked_ids()),
             "active_queues" => Value::from(self.state.queues().iter().map(|q| queue_info(q)).collect::<Vec<_>>()),
             "stats" => self.stats(),
@@ -143,7 +143,13 @@ impl Control {
             "query_task" => {
                 let ids = strings(args.get("ids"));
                 let mut found = Map::new();
-                let listed = [("active", self.state.running()), ("reserved", self.state.reserved())];
+                let scheduled =
+                    self.scheduled().await.into_iter().filter_map(|mut s| s.get_mut("request").map(Value::take));
+                let listed = [
+                    ("active", self.state.running()),
+                    ("reserved", self.state.reserved()),
+                    ("scheduled", scheduled.collect()),
+                ];
                 for (kind, infos) in listed {
                     for info in infos {
                         if let Some(id) =
@@ -210,6 +216,12 @@ impl Control {
             }
             "add_consumer" => {
                 let Some(queue) = text("queue") else { return Some(json!({"error": "queue is required"})) };
+                // Celery's defaults: a direct exchange and a routing key named after the queue.
+                let exchange = text("exchange").filter(|e| !e.is_empty()).unwrap_or_else(|| queue.clone());
+                let routing_key = text("routing_key").filter(|r| !r.is_empty()).unwrap_or_else(|| queue.clone());
+                if let Err(e) = self.app.broker().declare_queue(&queue, &exchange, &routing_key).await {
+                    tracing::warn!(%queue, error = %e, "could not declare the queue");
+                }
                 let mut queues = self.state.queues.write().unwrap_or_else(std::sync::PoisonError::into_inner);
                 if !queues.contains(&queue) {
                     queues.push(queue.clone());
@@ -225,6 +237,32 @@ impl Control {
             "shutdown" => ok("Warm shutdown"),
             other => json!({"error": format!("KeyError('{other}')")}),
         })
+    }
+
+    /// Celery's `scheduled`: the ETA tasks this worker received early and parked in the broker
+    /// until due, as `{"eta", "priority", "request"}` (`priority` is the timer priority Celery
+    /// gives every ETA entry, 6).
+    async fn scheduled(&self) -> Vec<Value> {
+        let parked = match self.app.broker().parked().await {
+            Ok(parked) => parked,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not list the parked ETA tasks");
+                return Vec::new();
+            }
+        };
+        parked
+            .into_iter()
+            .filter_map(|p| {
+                let message = Message::from_wire(&p.payload).ok()?;
+                let body = message.task_body().ok()?;
+                let redelivered = serde_json::from_slice::<Value>(&p.payload)
+                    .ok()
+                    .and_then(|v| v.pointer("/headers/redelivered").and_then(Value::as_bool))
+                    .unwrap_or(false);
+                let info = super::consumer::request_info(&message, &body, redelivered, &self.state.hostname);
+                Some(json!({"eta": message.headers.eta, "priority": 6, "request": info}))
+            })
+            .collect()
     }
 
     /// Celery 5.7's `_revoke`: remembers the ids (a revoked task that reaches this worker
@@ -312,8 +350,9 @@ impl Control {
         match item {
             "name" => Some(name.to_owned()),
             "rate_limit" => self.state.rate_limit(name).unwrap_or(o.rate_limit),
-            "time_limit" => limits.and_then(|(hard, _)| hard).or(o.time_limit).map(|v| v.to_string()),
-            "soft_time_limit" => limits.and_then(|(_, soft)| soft).or(o.soft_time_limit).map(|v| v.to_string()),
+            // Python's str(float): `2.0`, not `2`.
+            "time_limit" => limits.and_then(|(hard, _)| hard).or(o.time_limit).map(python_float_repr),
+            "soft_time_limit" => limits.and_then(|(_, soft)| soft).or(o.soft_time_limit).map(python_float_repr),
             "queue" => o.queue,
             "priority" => o.priority.map(|p| p.to_string()),
             "acks_late" => Some(py_bool(o.acks_late.unwrap_or(c.task_acks_late))),

@@ -1,0 +1,185 @@
+//! The Lua scripts of the Redis broker: every step that must not be split by a crash or by
+//! another worker runs as one script. Each keeps kombu's `unacked` / `unacked_index` layout and
+//! adds Celeriac's per-node claims hash (`tag → the unacked_index score this node wrote`), so
+//! a node can tell its own claim from a later one of the same message (kombu reuses a
+//! message's delivery tag when it is restored and delivered again).
+
+/// Takes up to `ARGV[1]` messages and records each as unacked in kombu's layout, in one
+/// atomic step. KEYS: pairs `(inflight list, queue list)` in the order to serve (priority 0
+/// first), then `unacked`, `unacked_index`, the node's claims hash. ARGV: max, now (float
+/// seconds), then the queue name of each pair. Returns a flat list `queue, tag, envelope`.
+pub(super) const CLAIM: &str = r#"
+local n = tonumber(ARGV[1])
+local now = ARGV[2]
+local nkeys = #KEYS
+local unacked, index, claims = KEYS[nkeys - 2], KEYS[nkeys - 1], KEYS[nkeys]
+local out = {}
+local got = 0
+for p = 1, (nkeys - 3) / 2 do
+  local queue = ARGV[2 + p]
+  for j = 0, 1 do
+    local source = KEYS[2 * p - 1 + j]
+    while got < n do
+      local m = redis.call('RPOP', source)
+      if not m then break end
+      local tag, ex, rk
+      local ok, env = pcall(cjson.decode, m)
+      if ok and type(env) == 'table' and type(env.properties) == 'table' then
+        tag = env.properties.delivery_tag
+        local di = env.properties.delivery_info
+        if type(di) == 'table' then ex = di.exchange; rk = di.routing_key end
+      end
+      if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
+      if type(ex) ~= 'string' then ex = '' end
+      if type(rk) ~= 'string' then rk = queue end
+      redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
+      redis.call('ZADD', index, now, tag)
+      redis.call('HSET', claims, tag, now)
+      got = got + 1
+      out[#out + 1] = queue
+      out[#out + 1] = tag
+      out[#out + 1] = m
+    end
+  end
+end
+return out
+"#;
+
+/// Acknowledges a claim of this node: removes the message from `unacked` only while the claim
+/// is still this node's (its unacked_index score is the one the node wrote); a message given
+/// back and claimed again elsewhere is left alone. KEYS: unacked, unacked_index, claims.
+/// ARGV: tag. Returns 1 when removed.
+pub(super) const ACK: &str = r#"
+local tag = ARGV[1]
+local mine = redis.call('HGET', KEYS[3], tag)
+redis.call('HDEL', KEYS[3], tag)
+if not mine then return 0 end
+local score = redis.call('ZSCORE', KEYS[2], tag)
+if not score or tonumber(score) ~= tonumber(mine) then return 0 end
+redis.call('ZREM', KEYS[2], tag)
+return redis.call('HDEL', KEYS[1], tag)
+"#;
+
+/// Moves the unacked_index score of this node's claims to now (the lease renewal), skipping
+/// claims that are no longer its own. KEYS: unacked_index, claims. ARGV: now, tags.
+pub(super) const RENEW: &str = r#"
+local n = 0
+for i = 2, #ARGV do
+  local tag = ARGV[i]
+  local mine = redis.call('HGET', KEYS[2], tag)
+  local score = redis.call('ZSCORE', KEYS[1], tag)
+  if mine and score and tonumber(mine) == tonumber(score) then
+    redis.call('ZADD', KEYS[1], ARGV[1], tag)
+    redis.call('HSET', KEYS[2], tag, ARGV[1])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Takes a message out of `unacked` and puts `payload` on each destination list: at the front
+/// (`front`, what is served next, as kombu's restore), the back (`back`), or into the delayed
+/// set with score ARGV[5] (`delay`, the member is ARGV[8] with the destination in it).
+/// Conditions, each skipped when its argument is empty: the claim is the owner's (ARGV[6] =
+/// '1': the owner's claims hash KEYS[3] holds the current score; the claims entry is removed
+/// either way), the score is at most ARGV[7] (stale, for the visibility timeout), the stored
+/// value is still ARGV[2] (nobody changed it since it was read).
+/// KEYS: unacked, unacked_index, claims, delayed. ARGV: tag, stored, payload, mode, delay
+/// score, owned, ceiling, delayed member, then the destination lists (from ARGV[9]).
+/// Returns 1 when restored.
+pub(super) const RESTORE: &str = r#"
+local tag = ARGV[1]
+local score = redis.call('ZSCORE', KEYS[2], tag)
+if ARGV[6] == '1' then
+  local mine = redis.call('HGET', KEYS[3], tag)
+  redis.call('HDEL', KEYS[3], tag)
+  if not mine or not score or tonumber(mine) ~= tonumber(score) then return 0 end
+end
+if ARGV[7] ~= '' and score and tonumber(score) > tonumber(ARGV[7]) then return 0 end
+if ARGV[2] ~= '' and redis.call('HGET', KEYS[1], tag) ~= ARGV[2] then return 0 end
+if redis.call('HDEL', KEYS[1], tag) == 0 then return 0 end
+redis.call('ZREM', KEYS[2], tag)
+for i = 9, #ARGV do
+  if ARGV[4] == 'front' then
+    redis.call('RPUSH', ARGV[i], ARGV[3])
+  elseif ARGV[4] == 'back' then
+    redis.call('LPUSH', ARGV[i], ARGV[3])
+  else
+    redis.call('ZADD', KEYS[4], ARGV[5], ARGV[8])
+  end
+end
+return 1
+"#;
+
+/// Moves due delayed messages to the back of their lists. KEYS: delayed. ARGV: now (ms).
+pub(super) const PROMOTE: &str = r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)
+for _, member in ipairs(due) do
+  if redis.call('ZREM', KEYS[1], member) == 1 then
+    local item = cjson.decode(member)
+    redis.call('LPUSH', item[1], item[2])
+  end
+end
+return #due
+"#;
+
+/// Puts parked (delayed) messages back on their lists before they are due: what a stopping
+/// worker parked goes where any worker, Python or Rust, finds it. KEYS: delayed. ARGV: the
+/// members.
+pub(super) const UNPARK: &str = r#"
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('ZREM', KEYS[1], ARGV[i]) == 1 then
+    local item = cjson.decode(ARGV[i])
+    redis.call('LPUSH', item[1], item[2])
+    n = n + 1
+  end
+end
+return n
+"#;
+
+/// Gives back what a blocking pop moved into a holding list: each message goes back to the
+/// front of the list it came from, in its original order. KEYS: holding list, source list.
+pub(super) const GIVE_BACK: &str = r#"
+local n = 0
+while true do
+  local m = redis.call('LPOP', KEYS[1])
+  if not m then break end
+  redis.call('RPUSH', KEYS[2], m)
+  n = n + 1
+end
+return n
+"#;
+
+/// kombu's mutex release: deletes the key only if it still holds our token.
+pub(super) const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// The scripts, loaded once per broker.
+pub(super) struct Scripts {
+    pub claim: redis::Script,
+    pub ack: redis::Script,
+    pub renew: redis::Script,
+    pub restore: redis::Script,
+    pub promote: redis::Script,
+    pub unpark: redis::Script,
+    pub give_back: redis::Script,
+    pub release: redis::Script,
+}
+
+impl Scripts {
+    pub fn new() -> Self {
+        Scripts {
+            claim: redis::Script::new(CLAIM),
+            ack: redis::Script::new(ACK),
+            renew: redis::Script::new(RENEW),
+            restore: redis::Script::new(RESTORE),
+            promote: redis::Script::new(PROMOTE),
+            unpark: redis::Script::new(UNPARK),
+            give_back: redis::Script::new(GIVE_BACK),
+            release: redis::Script::new(RELEASE),
+        }
+    }
+}
