@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn queue_stats(app: &App, queue: &str) -> QueueStats {
-    app.broker().stats().await.unwrap().into_iter().find(|s| s.queue == queue).unwrap_or_default()
-}
-
 // ---- retries -------------------------------------------------------------------------------
 
 static FLAKY_CALLS: AtomicU32 = AtomicU32::new(0);
