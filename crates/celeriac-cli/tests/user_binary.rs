@@ -4,8 +4,8 @@
 //!
 //! This file is both the binary and its tests (`harness = false` in Cargo.toml: a command line
 //! needs its own `main`). Run with `USER_BINARY_AS_CLI` set it is the command line;
-//! otherwise `main` runs the tests, which run this same executable as the command line. A
-//! filter argument runs only the tests whose names contain it, as libtest does.
+//! otherwise `main` runs the tests, which run this same executable as the command line. Name
+//! filters and `--skip` select tests as libtest's do.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -48,8 +48,20 @@ fn main() -> ExitCode {
         ("call_with_kwargs_runs_on_the_binarys_worker", call_with_kwargs_runs_on_the_binarys_worker),
         ("workflow_shows_a_chain_sent_from_rust", workflow_shows_a_chain_sent_from_rust),
     ];
-    let filters: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    if std::env::args().any(|a| a == "--list") {
+    // libtest's arguments, as far as they matter here: name filters, `--skip NAME`, `--list`;
+    // other flags are ignored (with the value of those that take one).
+    let (mut filters, mut skips, mut list) = (Vec::new(), Vec::new(), false);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--list" => list = true,
+            "--skip" => skips.extend(args.next()),
+            "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" => drop(args.next()),
+            flag if flag.starts_with('-') => {}
+            name => filters.push(name.to_owned()),
+        }
+    }
+    if list {
         for (name, _) in tests {
             println!("{name}: test");
         }
@@ -58,6 +70,7 @@ fn main() -> ExitCode {
     let selected: Vec<_> = tests
         .iter()
         .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+        .filter(|(name, _)| !skips.iter().any(|s| name.contains(s.as_str())))
         .collect();
     println!("\nrunning {} tests", selected.len());
     let mut failed = Vec::new();
