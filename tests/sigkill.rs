@@ -11,23 +11,13 @@
 mod common;
 
 use celeriac::{App, Request, State, TaskResult, task};
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 const CHILD_DB: &str = "CELERIAC_TEST_CHILD_DB";
 
-/// Appends to `marker.log` beside the task's SQLite file, which parent and child share.
-fn log_line(req: &Request, line: &str) {
-    let url = req.app().broker().url();
-    let db = std::path::PathBuf::from(url.trim_start_matches("sqlite://"));
-    let path = db.with_file_name("marker.log");
-    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("marker file");
-    writeln!(f, "{line}").expect("write marker");
-}
-
 #[task(name = "k.work", bind = true, acks_late = true)]
 async fn work(req: Request) -> TaskResult<u32> {
-    log_line(
+    common::mark(
         &req,
         &format!("start {} delivery={}", std::process::id(), if req.redelivered { "again" } else { "first" }),
     );
@@ -35,7 +25,7 @@ async fn work(req: Request) -> TaskResult<u32> {
         // The first worker is killed in here.
         tokio::time::sleep(Duration::from_secs(120)).await;
     }
-    log_line(&req, &format!("done {}", std::process::id()));
+    common::mark(&req, &format!("done {}", std::process::id()));
     Ok(std::process::id())
 }
 
@@ -52,7 +42,7 @@ async fn fail(_x: i64) -> TaskResult<()> {
 /// A compensation the first worker is killed in the middle of.
 #[task(name = "k.undo", bind = true)]
 async fn undo(req: Request, x: i64) -> TaskResult<i64> {
-    log_line(
+    common::mark(
         &req,
         &format!("undo {} {x} delivery={}", std::process::id(), if req.redelivered { "again" } else { "first" }),
     );

@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-async fn queue_stats(app: &App, queue: &str) -> QueueStats {
-    app.broker().stats().await.unwrap().into_iter().find(|s| s.queue == queue).unwrap_or_default()
-}
-
 // ---- retries -------------------------------------------------------------------------------
 
 static FLAKY_CALLS: AtomicU32 = AtomicU32::new(0);
@@ -243,6 +239,43 @@ async fn immediate_shutdown_returns_acks_late_work() {
     worker.await.unwrap();
     assert_eq!(queue_stats(&app, "celery").await.ready, 1, "the acks_late task is back in the queue");
     assert_eq!(r.state().await.unwrap(), State::Pending);
+}
+
+static ABANDONED_DROPPED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Sets [`ABANDONED_DROPPED`] when the task's future is dropped.
+struct DroppedFlag;
+
+impl Drop for DroppedFlag {
+    fn drop(&mut self) {
+        ABANDONED_DROPPED.store(true, Ordering::SeqCst);
+    }
+}
+
+#[task(name = "t.endless", acks_late = true)]
+async fn endless() -> TaskResult<()> {
+    let _flag = DroppedFlag;
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn immediate_shutdown_stops_the_running_task_itself() {
+    let app = memory_app(App::builder().task(endless)).await;
+    endless::delay(&app).await.unwrap();
+    let worker = celeriac::Worker::new(&app).options(fast_options(&app, 1));
+    let stats = worker.stats();
+    let (shutdown, handle) = worker.spawn();
+    assert!(eventually(WAIT, || async { stats.active.load(Ordering::SeqCst) == 1 }).await, "the task started");
+    shutdown.immediate();
+    handle.await.unwrap();
+    // Its message went back to the queue, so the task must not go on running here as well
+    // (another worker may already be running it again).
+    assert_eq!(queue_stats(&app, "celery").await.ready, 1);
+    assert!(
+        eventually(WAIT, || async { ABANDONED_DROPPED.load(Ordering::SeqCst) }).await,
+        "the stopped task's future is dropped, not left running in the background"
+    );
 }
 
 // ---- bad input -----------------------------------------------------------------------------

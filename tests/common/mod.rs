@@ -2,7 +2,10 @@
 #![allow(dead_code, missing_docs)]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use celeriac::{App, AppBuilder, Shutdown, Worker, WorkerOptions};
+use celeriac::broker::QueueStats;
+use celeriac::{App, AppBuilder, Request, Shutdown, Worker, WorkerOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// A fresh SQLite file in a temp dir (kept alive by the returned guard).
@@ -10,6 +13,30 @@ pub fn sqlite_url() -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().expect("temp dir");
     let url = format!("sqlite://{}", dir.path().join("celeriac.db").display());
     (dir, url)
+}
+
+/// A file beside the SQLite database of `req`'s app: a test and the worker processes it starts
+/// share that directory.
+pub fn beside_db(req: &Request, name: &str) -> PathBuf {
+    let url = req.app().broker().url();
+    PathBuf::from(url.trim_start_matches("sqlite://")).with_file_name(name)
+}
+
+/// Appends `line` to `marker.log` beside the database (see [`marks`]).
+pub fn mark(req: &Request, line: &str) {
+    let path = beside_db(req, "marker.log");
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("marker file");
+    writeln!(f, "{line}").expect("write marker");
+}
+
+/// The lines [`mark`] wrote into `dir` so far.
+pub fn marks(dir: &Path) -> Vec<String> {
+    std::fs::read_to_string(dir.join("marker.log")).unwrap_or_default().lines().map(str::to_owned).collect()
+}
+
+/// The broker's counts for `queue` (all zero when it holds nothing there).
+pub async fn queue_stats(app: &App, queue: &str) -> QueueStats {
+    app.broker().stats().await.unwrap().into_iter().find(|s| s.queue == queue).unwrap_or_default()
 }
 
 /// Worker options for tests: short polls and grace.

@@ -1,13 +1,18 @@
-//! The `celeriac` binary end to end on a SQLite file: call, inspect, a worker that dead-letters
-//! a task it does not know, result, dlq list/show/replay/purge, purge, config errors.
+//! The `celeriac` binary end to end on a SQLite file: call (with `--args` and `--kwargs`),
+//! inspect, a worker that dead-letters a task it does not know, result, dlq
+//! list/show/replay/replay --all/purge, purge, JSON logs, where settings come from (celeriac.toml,
+//! CELERIAC_CONFIG, the environment) and config errors.
+//!
+//! `user_binary.rs` covers the commands that need registered tasks.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 struct Env {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     url: String,
 }
 
@@ -15,22 +20,83 @@ impl Env {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("cli.db").display());
-        Env { _dir: dir, url }
+        Env { dir, url }
     }
 
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The binary with `--broker` set and no settings from the caller's environment.
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_celeriac"));
-        c.arg("--broker").arg(&self.url).args(args).env_remove("CELERY_BROKER_URL").env_remove("CELERIAC_CONFIG");
+        c.arg("--broker").arg(&self.url).args(args);
+        for var in
+            ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_CONFIG", "CELERIAC_LOG", "CELERIAC_LOG_FORMAT"]
+        {
+            c.env_remove(var);
+        }
         c
     }
 
     fn run(&self, args: &[&str]) -> Output {
         self.cmd(args).output().unwrap()
     }
+
+    /// Sends `args` (a `call`) and returns the task id it prints.
+    fn call(&self, args: &[&str]) -> String {
+        let sent = self.run(args);
+        assert!(sent.status.success(), "{sent:?}");
+        let id = stdout(&sent).trim().to_owned();
+        assert_eq!(id.len(), 36, "prints the task id: {id}");
+        id
+    }
+
+    /// Runs a worker until every id in `ids` is in the dead-letter queue, then stops it with
+    /// SIGTERM; returns what it wrote to stderr.
+    fn dead_letter_all(&self, extra: &[&str], ids: &[&str]) -> String {
+        let log = self.path().join("worker.log");
+        let mut args = extra.to_vec();
+        args.extend(["worker", "-c", "1"]);
+        let worker =
+            self.cmd(&args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+        let listed = until(|| {
+            let listed = stdout(&self.run(&["dlq", "list"]));
+            ids.iter().all(|id| listed.contains(id))
+        });
+        stop(worker);
+        let stderr = std::fs::read_to_string(&log).unwrap();
+        assert!(listed, "the worker dead-lettered {ids:?}: {stderr}");
+        stderr
+    }
 }
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Polls `f` for up to 20 s.
+fn until(mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    false
+}
+
+/// SIGTERM, then waits for a clean exit.
+fn stop(mut worker: Child) {
+    let term = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let status = worker.wait().unwrap();
+    assert!(status.success(), "worker exits cleanly on SIGTERM: {status:?}");
 }
 
 #[test]
@@ -101,4 +167,166 @@ fn config_errors_name_the_key_and_the_fix() {
 
     let bad_args = env.run(&["call", "x", "--args", "[1,"]);
     assert!(String::from_utf8_lossy(&bad_args.stderr).contains("--args is not valid JSON"));
+
+    let out = env.cmd(&["inspect", "conf"]).env("CELERIAC_TASK_ACKS_LATE", "yes").output().unwrap();
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out).trim(),
+        "error: bad value for `task_acks_late` (from environment variable CELERIAC_TASK_ACKS_LATE): \
+         got \"yes\", expected true or false (did you mean true?)"
+    );
+    let out = env.cmd(&["inspect", "conf"]).env("CELERIAC_WORKER_SOFT_SHUTDOWN_TIMEOUT", "inf").output().unwrap();
+    assert!(stderr(&out).contains("got \"inf\", expected a number of seconds"), "{out:?}");
+}
+
+#[test]
+fn call_kwargs_then_dlq_replay_all_and_dlq_purge() {
+    let env = Env::new();
+    let with_kwargs = env.call(&["call", "t.ghost", "--kwargs", r#"{"order": 7, "note": "rush"}"#]);
+    let with_both = env.call(&["call", "t.ghost", "-a", "[1]", "-k", r#"{"x": [true, null]}"#]);
+    let not_an_object = env.run(&["call", "t.ghost", "--kwargs", "[1, 2]"]);
+    assert!(!not_an_object.status.success());
+    assert!(stderr(&not_an_object).contains("--kwargs is not valid JSON"), "{not_an_object:?}");
+
+    env.dead_letter_all(&[], &[&with_kwargs, &with_both]);
+    let listed = stdout(&env.run(&["dlq", "list"]));
+    let dead_id = |task: &str| listed.lines().find(|l| l.contains(task)).unwrap().split_whitespace().next().unwrap();
+    let shown = stdout(&env.run(&["dlq", "show", dead_id(&with_kwargs)]));
+    assert!(shown.contains(r#"body:     {"args":[],"kwargs":{"order":7,"note":"rush"}}"#), "{shown}");
+    let shown = stdout(&env.run(&["dlq", "show", dead_id(&with_both)]));
+    assert!(shown.contains(r#"body:     {"args":[1],"kwargs":{"x":[true,null]}}"#), "{shown}");
+
+    // --all puts every dead letter back, and says so even when output is not a terminal.
+    let replay = env.run(&["dlq", "replay", "--all"]);
+    assert!(replay.status.success(), "{replay:?}");
+    let replayed = stdout(&replay);
+    assert_eq!(replayed.lines().count(), 2, "{replayed}");
+    for id in [&with_kwargs, &with_both] {
+        assert!(
+            replayed.lines().any(|l| l.starts_with("replayed ") && l.ends_with(&format!("as task {id}"))),
+            "{replayed}"
+        );
+    }
+    assert!(stdout(&env.run(&["dlq", "list"])).contains("the dead-letter queue is empty"));
+    let q = stdout(&env.run(&["inspect", "queues"]));
+    assert!(q.lines().any(|l| l.starts_with("celery") && l.split_whitespace().nth(1) == Some("2")), "{q}");
+
+    env.dead_letter_all(&[], &[&with_kwargs, &with_both]);
+    let purged = env.run(&["dlq", "purge"]);
+    assert!(purged.status.success(), "{purged:?}");
+    assert_eq!(stdout(&purged).trim(), "deleted 2 dead letter(s)");
+    assert!(stdout(&env.run(&["dlq", "list"])).contains("the dead-letter queue is empty"));
+    assert!(stdout(&env.run(&["inspect", "queues"])).contains("dead letters: 0"));
+    let nothing = env.run(&["dlq", "replay", "--all"]);
+    assert!(!nothing.status.success());
+    assert!(stderr(&nothing).contains("nothing to replay"), "{nothing:?}");
+    let missing = env.run(&["dlq", "replay", "999"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("no dead letter with id \"999\""), "the reason is printed: {missing:?}");
+}
+
+/// The `fields.message` of every line, after checking that each line is a JSON log record.
+fn json_messages(log: &str) -> Vec<String> {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(!lines.is_empty(), "something was logged");
+    lines
+        .iter()
+        .map(|line| {
+            let record: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+            assert!(record["level"].is_string() && record["timestamp"].is_string(), "a log record: {line}");
+            record["fields"]["message"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_line() {
+    let env = Env::new();
+    let id = env.call(&["call", "t.ghost"]);
+    let log = env.dead_letter_all(&["--log-format", "json"], &[&id]);
+    let messages = json_messages(&log);
+    for expected in ["worker ready", "message dead-lettered", "worker stopped"] {
+        assert!(messages.iter().any(|m| m == expected), "{expected:?} in {messages:?}");
+    }
+    assert!(messages.iter().any(|m| m.starts_with("shutdown requested")), "{messages:?}");
+
+    // The same from the environment, as `CELERIAC_LOG_FORMAT` documents.
+    let id = env.call(&["call", "t.ghost"]);
+    let log_file = env.path().join("env.log");
+    let worker = env
+        .cmd(&["worker", "-c", "1"])
+        .env("CELERIAC_LOG_FORMAT", "json")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_file).unwrap())
+        .spawn()
+        .unwrap();
+    assert!(until(|| stdout(&env.run(&["dlq", "list"])).contains(&id)));
+    stop(worker);
+    assert!(json_messages(&std::fs::read_to_string(&log_file).unwrap()).iter().any(|m| m == "worker ready"));
+}
+
+#[test]
+fn settings_come_from_celeriac_toml_celeriac_config_and_the_environment() {
+    let env = Env::new();
+    let conf = |setup: &dyn Fn(&mut Command)| {
+        let mut c = env.cmd(&["inspect", "conf"]);
+        c.current_dir(env.path());
+        setup(&mut c);
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        stdout(&out)
+    };
+    std::fs::write(
+        env.path().join("celeriac.toml"),
+        "task_default_queue = \"from_toml\"\nworker_prefetch_multiplier = 2\n",
+    )
+    .unwrap();
+
+    // celeriac.toml in the working directory.
+    let shown = conf(&|_| {});
+    assert!(
+        shown.contains("task_default_queue = \"from_toml\"") && shown.contains("worker_prefetch_multiplier = 2"),
+        "{shown}"
+    );
+    // The environment wins over the file.
+    let shown = conf(&|c| {
+        c.env("CELERIAC_WORKER_PREFETCH_MULTIPLIER", "3");
+    });
+    assert!(
+        shown.contains("task_default_queue = \"from_toml\"") && shown.contains("worker_prefetch_multiplier = 3"),
+        "{shown}"
+    );
+    // CELERIAC_CONFIG names another file, read instead of celeriac.toml.
+    let other = env.path().join("other.toml");
+    std::fs::write(&other, "task_default_queue = \"from_celeriac_config\"\n").unwrap();
+    let shown = conf(&|c| {
+        c.env("CELERIAC_CONFIG", &other);
+    });
+    assert!(
+        shown.contains("task_default_queue = \"from_celeriac_config\"")
+            && shown.contains("worker_prefetch_multiplier = 4"),
+        "{shown}"
+    );
+    // CELERY_RESULT_BACKEND picks the result backend, and it is the one opened.
+    let results = env.path().join("results.db");
+    let shown = conf(&|c| {
+        c.env("CELERY_RESULT_BACKEND", format!("sqlite://{}", results.display()));
+    });
+    assert!(shown.contains(&format!("result_backend = \"sqlite://{}\"", results.display())), "{shown}");
+    assert!(results.exists(), "the backend named by CELERY_RESULT_BACKEND was opened");
+
+    let missing = env.path().join("missing.toml");
+    let out = env.cmd(&["inspect", "conf"]).env("CELERIAC_CONFIG", &missing).output().unwrap();
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains(&format!("cannot read config file {}", missing.display())), "{out:?}");
+
+    std::fs::write(env.path().join("celeriac.toml"), "task_acks_late = \"yes\"\n").unwrap();
+    let out = env.cmd(&["inspect", "conf"]).current_dir(env.path()).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("bad value for `task_acks_late` (from celeriac.toml): got \"yes\", expected true or false"),
+        "{out:?}"
+    );
 }

@@ -2,8 +2,8 @@
 //!
 //! Precedence, lowest first: defaults, the TOML file (`celeriac.toml` or `CELERIAC_CONFIG`),
 //! environment (`CELERY_BROKER_URL`, `CELERY_RESULT_BACKEND`, `CELERIAC_<SETTING>`), then the
-//! builder. An unknown key or a bad value is a [`ConfigError`] that names the key and the
-//! closest valid one.
+//! builder. An unknown key or a bad value is a [`ConfigError`] that names the key and what
+//! would work: the closest valid setting, or the kind of value the setting takes.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -156,27 +156,9 @@ pub enum ConfigError {
 const RESERVED_ENV: &[&str] = &["CELERIAC_CONFIG", "CELERIAC_LOG", "CELERIAC_LOG_FORMAT", "CELERIAC_REQUIRE_SERVICES"];
 
 impl Config {
-    /// Every setting name.
+    /// Every setting name, sorted.
     pub fn keys() -> Vec<String> {
-        match toml::Value::try_from(Config::default()) {
-            Ok(toml::Value::Table(t)) => t.keys().cloned().collect(),
-            _ => Vec::new(),
-        }
-        .into_iter()
-        .chain(
-            [
-                "result_backend",
-                "result_expires",
-                "task_time_limit",
-                "task_soft_time_limit",
-                "task_default_priority",
-                "worker_concurrency",
-            ]
-            .map(str::to_owned),
-        )
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect()
+        SETTINGS.iter().map(|(key, _)| (*key).to_owned()).collect()
     }
 
     /// Defaults, then `celeriac.toml` (or the file `CELERIAC_CONFIG` names) if present, then the
@@ -222,54 +204,47 @@ impl Config {
                     None => continue,
                 },
             };
-            self.set_value(&key, env_value(&raw), &format!("environment variable {name}"))?;
+            let value = kind_of(&key).map_or_else(|| env_value(&raw), |kind| kind.read_env(&raw));
+            self.set(&key, value, &format!("environment variable {name}"), &format!("{raw:?}"))?;
         }
         Ok(())
     }
 
-    /// Sets one setting from a TOML value, with errors that name the key.
+    /// Sets one setting from a TOML value, with errors that name the key, the value given and
+    /// what would work instead.
     pub fn set_value(&mut self, key: &str, value: toml::Value, source_name: &str) -> Result<(), ConfigError> {
-        let keys = Config::keys();
-        if !keys.iter().any(|k| k == key) {
+        let written = value.to_string();
+        self.set(key, value, source_name, &written)
+    }
+
+    /// [`Config::set_value`], showing a bad value as `written` (an environment variable's text
+    /// as it was typed rather than as it parsed).
+    fn set(&mut self, key: &str, value: toml::Value, source_name: &str, written: &str) -> Result<(), ConfigError> {
+        let Some(kind) = kind_of(key) else {
             return Err(ConfigError::UnknownKey {
                 key: key.to_owned(),
                 source_name: source_name.to_owned(),
-                suggestion: closest(key, keys.iter().map(String::as_str)),
+                suggestion: closest(key, SETTINGS.iter().map(|(k, _)| *k)),
             });
-        }
+        };
+        let bad = |key: &str, problem: String| ConfigError::BadValue {
+            key: key.to_owned(),
+            source_name: source_name.to_owned(),
+            problem,
+        };
         let mut table = match toml::Value::try_from(&*self) {
             Ok(toml::Value::Table(t)) => t,
             _ => toml::Table::new(),
         };
         table.insert(key.to_owned(), value.clone());
-        let updated: Config =
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| ConfigError::BadValue {
-                key: key.to_owned(),
-                source_name: source_name.to_owned(),
-                problem: format!("{value} does not fit: {}", e.message()),
-            })?;
-        updated.validate(key, source_name)?;
+        let updated: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| bad(key, kind.problem(written, &value, Some(e.message()))))?;
+        if let Some((at, problem)) = invalid(key, kind, &value, written) {
+            return Err(bad(&at, problem));
+        }
         *self = updated;
         Ok(())
-    }
-
-    fn validate(&self, key: &str, source_name: &str) -> Result<(), ConfigError> {
-        let bad = |problem: &str| {
-            Err(ConfigError::BadValue {
-                key: key.to_owned(),
-                source_name: source_name.to_owned(),
-                problem: problem.to_owned(),
-            })
-        };
-        match key {
-            "task_serializer" if self.task_serializer != "json" => bad("only \"json\" is supported"),
-            "accept_content" if self.accept_content.iter().any(|c| c != "json" && c != "application/json") => {
-                bad("only [\"json\"] is supported")
-            }
-            "worker_concurrency" if self.worker_concurrency == Some(0) => bad("must be at least 1"),
-            "task_default_priority" if self.task_default_priority.is_some_and(|p| p > 9) => bad("must be 0-9"),
-            _ => Ok(()),
-        }
     }
 
     /// The result backend URL (the broker's when not set).
@@ -284,11 +259,7 @@ impl Config {
 
     /// A transport option as seconds.
     pub fn transport_seconds(&self, name: &str) -> Option<f64> {
-        match self.broker_transport_options.get(name)? {
-            toml::Value::Integer(i) => Some(*i as f64),
-            toml::Value::Float(f) => Some(*f),
-            _ => None,
-        }
+        self.broker_transport_options.get(name).and_then(as_seconds)
     }
 
     /// `worker_concurrency`, or the number of CPUs.
@@ -308,6 +279,174 @@ impl Config {
             }
         }
         default.map(str::to_owned).unwrap_or_else(|| self.task_default_queue.clone())
+    }
+}
+
+/// What a setting's value must be: how an environment variable's text is read, and what an
+/// error says would work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// `true` or `false`.
+    Bool,
+    /// Text; from the environment, taken as written (`CELERIAC_TASK_DEFAULT_QUEUE=2024`).
+    Text,
+    /// A broker or backend URL (text).
+    Url,
+    /// A number of seconds, 0 or more, that fits a `Duration`.
+    Seconds,
+    /// A whole number, 0 or more.
+    Count,
+    /// A whole number, 1 or more.
+    PositiveCount,
+    /// A message priority, 0-9.
+    Priority,
+    /// A list of strings.
+    List,
+    /// Task name or glob to queue name.
+    Routes,
+    /// A table of transport options.
+    Options,
+}
+
+/// Every setting and its kind, sorted by name. [`Config::keys`] and every error message come
+/// from this table; a test checks it against the fields of [`Config`].
+const SETTINGS: &[(&str, Kind)] = &[
+    ("accept_content", Kind::List),
+    ("broker_transport_options", Kind::Options),
+    ("broker_url", Kind::Url),
+    ("result_backend", Kind::Url),
+    ("result_backend_transport_options", Kind::Options),
+    ("result_chord_join_timeout", Kind::Seconds),
+    ("result_expires", Kind::Seconds),
+    ("result_extended", Kind::Bool),
+    ("task_acks_late", Kind::Bool),
+    ("task_acks_on_failure_or_timeout", Kind::Bool),
+    ("task_allow_error_cb_on_chord_header", Kind::Bool),
+    ("task_always_eager", Kind::Bool),
+    ("task_default_priority", Kind::Priority),
+    ("task_default_queue", Kind::Text),
+    ("task_eager_propagates", Kind::Bool),
+    ("task_ignore_result", Kind::Bool),
+    ("task_inherit_parent_priority", Kind::Bool),
+    ("task_retry_exceeded_wraps_error", Kind::Bool),
+    ("task_routes", Kind::Routes),
+    ("task_serializer", Kind::Text),
+    ("task_soft_time_limit", Kind::Seconds),
+    ("task_time_limit", Kind::Seconds),
+    ("task_track_started", Kind::Bool),
+    ("worker_concurrency", Kind::PositiveCount),
+    ("worker_dead_letter_failures", Kind::Bool),
+    ("worker_disable_prefetch", Kind::Bool),
+    ("worker_disable_rate_limits", Kind::Bool),
+    ("worker_prefetch_multiplier", Kind::Count),
+    ("worker_send_task_events", Kind::Bool),
+    ("worker_soft_shutdown_timeout", Kind::Seconds),
+];
+
+/// Transport options that are seconds (the SQLite and Redis brokers read them as durations).
+const TRANSPORT_SECONDS: &[&str] = &["visibility_timeout", "polling_interval"];
+
+fn kind_of(key: &str) -> Option<Kind> {
+    SETTINGS.iter().find(|(k, _)| *k == key).map(|(_, kind)| *kind)
+}
+
+impl Kind {
+    /// What would work, for error messages.
+    fn expected(self) -> &'static str {
+        match self {
+            Kind::Bool => "true or false",
+            Kind::Text => "a string",
+            Kind::Url => "a URL such as \"sqlite://celeriac.db\", \"redis://127.0.0.1:6379/0\" or \"memory://\"",
+            Kind::Seconds => "a number of seconds (0 or more), such as 30 or 2.5",
+            Kind::Count => "a whole number (0 or more), such as 4",
+            Kind::PositiveCount => "a whole number (1 or more), such as 8",
+            Kind::Priority => "a whole number from 0 to 9",
+            Kind::List => "a list of strings, such as [\"json\"]",
+            Kind::Routes => "a table of task name or glob to queue name, such as { \"billing.*\" = \"billing\" }",
+            Kind::Options => "a table, such as { visibility_timeout = 10 }",
+        }
+    }
+
+    /// An environment variable's text as a value of this kind.
+    fn read_env(self, raw: &str) -> toml::Value {
+        match self {
+            Kind::Text | Kind::Url => toml::Value::String(raw.to_owned()),
+            _ => env_value(raw),
+        }
+    }
+
+    /// "got X, expected Y", with the decoder's detail for nested values and a guess for
+    /// booleans written another way (`yes`, `on`, `True`).
+    fn problem(self, written: &str, value: &toml::Value, detail: Option<&str>) -> String {
+        let mut text = format!("got {written}, expected {}", self.expected());
+        if self == Kind::Bool
+            && let Some(guess) = bool_guess(value)
+        {
+            text.push_str(&format!(" (did you mean {guess}?)"));
+        }
+        if matches!(self, Kind::List | Kind::Routes | Kind::Options)
+            && let Some(detail) = detail
+        {
+            text.push_str(&format!(" ({detail})"));
+        }
+        text
+    }
+}
+
+fn bool_guess(value: &toml::Value) -> Option<bool> {
+    let text = match value {
+        toml::Value::String(s) => s.trim().to_ascii_lowercase(),
+        toml::Value::Integer(i) => i.to_string(),
+        _ => return None,
+    };
+    match text.as_str() {
+        "true" | "yes" | "y" | "on" | "1" => Some(true),
+        "false" | "no" | "n" | "off" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+fn as_seconds(value: &toml::Value) -> Option<f64> {
+    match value {
+        toml::Value::Integer(i) => Some(*i as f64),
+        toml::Value::Float(f) => Some(*f),
+        _ => None,
+    }
+}
+
+fn valid_seconds(value: &toml::Value) -> bool {
+    as_seconds(value).is_some_and(|s| Duration::try_from_secs_f64(s).is_ok())
+}
+
+/// Checks what decoding alone does not: ranges, seconds that fit a `Duration` (not negative,
+/// NaN or infinite), and the only serializer. Returns the key at fault (a transport option
+/// is `broker_transport_options.<name>`) and the problem.
+fn invalid(key: &str, kind: Kind, value: &toml::Value, written: &str) -> Option<(String, String)> {
+    let problem = |text: String| Some((key.to_owned(), text));
+    match (key, kind) {
+        ("task_serializer", _) if value.as_str() != Some("json") => {
+            problem(format!("got {written}, expected \"json\" (the only serializer Celeriac supports)"))
+        }
+        ("accept_content", _)
+            if value
+                .as_array()
+                .is_some_and(|a| a.iter().any(|c| !matches!(c.as_str(), Some("json" | "application/json")))) =>
+        {
+            problem(format!("got {written}, expected [\"json\"] (the only content type Celeriac supports)"))
+        }
+        ("broker_transport_options", _) => {
+            let options = value.as_table()?;
+            TRANSPORT_SECONDS.iter().find_map(|name| {
+                let v = options.get(*name).filter(|v| !valid_seconds(v))?;
+                Some((format!("{key}.{name}"), format!("got {v}, expected {}", Kind::Seconds.expected())))
+            })
+        }
+        (_, Kind::Seconds) if !valid_seconds(value) => problem(kind.problem(written, value, None)),
+        (_, Kind::PositiveCount) if value.as_integer().is_some_and(|n| n < 1) => {
+            problem(kind.problem(written, value, None))
+        }
+        (_, Kind::Priority) if value.as_integer().is_some_and(|n| n > 9) => problem(kind.problem(written, value, None)),
+        _ => None,
     }
 }
 
@@ -378,7 +517,161 @@ mod tests {
         let err = c.merge_toml("worker_concurrency = \"lots\"", "test.toml").unwrap_err().to_string();
         assert!(err.contains("worker_concurrency") && err.contains("lots"), "{err}");
         let err = c.merge_toml("task_serializer = \"pickle\"", "test.toml").unwrap_err().to_string();
-        assert!(err.contains("only \"json\""), "{err}");
+        assert!(err.contains("got \"pickle\", expected \"json\""), "{err}");
+    }
+
+    /// The error for `var=raw` from the environment.
+    fn env_error(var: &str, raw: &str) -> String {
+        let mut c = Config::default();
+        let err = c.merge_env([(var.to_owned(), raw.to_owned())]).expect_err(var).to_string();
+        assert_eq!(c, Config::default(), "a rejected value changes nothing ({var}={raw})");
+        err
+    }
+
+    #[test]
+    fn bad_values_name_the_key_the_value_and_what_would_work() {
+        let cases: &[(&str, &str, &[&str])] = &[
+            (
+                "CELERIAC_TASK_ACKS_LATE",
+                "yes",
+                &[
+                    "`task_acks_late`",
+                    "environment variable CELERIAC_TASK_ACKS_LATE",
+                    "got \"yes\", expected true or false",
+                    "did you mean true?",
+                ],
+            ),
+            ("CELERIAC_TASK_TRACK_STARTED", "Off", &["got \"Off\", expected true or false", "did you mean false?"]),
+            ("CELERIAC_RESULT_EXTENDED", "1", &["got \"1\", expected true or false", "did you mean true?"]),
+            (
+                "CELERIAC_WORKER_PREFETCH_MULTIPLIER",
+                "-1",
+                &["`worker_prefetch_multiplier`", "got \"-1\"", "whole number (0 or more)"],
+            ),
+            ("CELERIAC_WORKER_PREFETCH_MULTIPLIER", "2.5", &["got \"2.5\"", "whole number (0 or more)"]),
+            ("CELERIAC_WORKER_CONCURRENCY", "0", &["`worker_concurrency`", "got \"0\"", "whole number (1 or more)"]),
+            ("CELERIAC_WORKER_CONCURRENCY", "many", &["got \"many\"", "whole number (1 or more)"]),
+            ("CELERIAC_TASK_DEFAULT_PRIORITY", "12", &["`task_default_priority`", "got \"12\"", "from 0 to 9"]),
+            ("CELERIAC_RESULT_EXPIRES", "1d", &["`result_expires`", "got \"1d\"", "a number of seconds"]),
+            ("CELERIAC_WORKER_SOFT_SHUTDOWN_TIMEOUT", "-5", &["got \"-5\"", "a number of seconds (0 or more)"]),
+            // Values a `Duration` cannot hold would otherwise panic in the worker.
+            ("CELERIAC_TASK_TIME_LIMIT", "inf", &["`task_time_limit`", "got \"inf\"", "a number of seconds"]),
+            ("CELERIAC_TASK_SOFT_TIME_LIMIT", "nan", &["got \"nan\"", "a number of seconds"]),
+            ("CELERIAC_RESULT_EXPIRES", "1e30", &["got \"1e30\"", "a number of seconds"]),
+            (
+                "CELERIAC_BROKER_TRANSPORT_OPTIONS",
+                "{ visibility_timeout = \"10s\" }",
+                &["`broker_transport_options.visibility_timeout`", "got \"10s\"", "a number of seconds"],
+            ),
+            (
+                "CELERIAC_BROKER_TRANSPORT_OPTIONS",
+                "10",
+                &["got \"10\"", "a table, such as { visibility_timeout = 10 }"],
+            ),
+            (
+                "CELERIAC_TASK_ROUTES",
+                "{ \"a.*\" = 1 }",
+                &["`task_routes`", "a table of task name or glob to queue name"],
+            ),
+            ("CELERIAC_ACCEPT_CONTENT", "[\"pickle\"]", &["pickle", "expected [\"json\"] (the only content type"]),
+        ];
+        for (var, raw, needles) in cases {
+            let err = env_error(var, raw);
+            for needle in *needles {
+                assert!(err.contains(needle), "{var}={raw}: {err:?} should contain {needle:?}");
+            }
+        }
+        let mut c = Config::default();
+        let err = c.merge_toml("task_acks_late = \"yes\"", "celeriac.toml").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "bad value for `task_acks_late` (from celeriac.toml): got \"yes\", expected true or false (did you mean true?)"
+        );
+    }
+
+    #[test]
+    fn good_values_of_every_kind_are_accepted() {
+        let mut c = Config::default();
+        c.merge_env(
+            [
+                ("CELERIAC_TASK_ACKS_LATE", "true"),
+                ("CELERIAC_WORKER_PREFETCH_MULTIPLIER", "0"),
+                ("CELERIAC_WORKER_CONCURRENCY", "3"),
+                ("CELERIAC_TASK_DEFAULT_PRIORITY", "9"),
+                ("CELERIAC_RESULT_EXPIRES", "0"),
+                ("CELERIAC_WORKER_SOFT_SHUTDOWN_TIMEOUT", "2.5"),
+                ("CELERIAC_TASK_TIME_LIMIT", "30"),
+                ("CELERIAC_BROKER_TRANSPORT_OPTIONS", "{ visibility_timeout = 1.5, polling_interval = 1 }"),
+                // Text settings take the text as written, even when it looks like a number.
+                ("CELERIAC_TASK_DEFAULT_QUEUE", "2024"),
+            ]
+            .map(|(k, v)| (k.to_owned(), v.to_owned())),
+        )
+        .unwrap();
+        assert!(c.task_acks_late);
+        assert_eq!((c.worker_prefetch_multiplier, c.worker_concurrency), (0, Some(3)));
+        assert_eq!(c.task_default_priority, Some(9));
+        assert_eq!(c.result_expires_duration(), None, "0 keeps results forever");
+        assert_eq!(c.worker_soft_shutdown_timeout, 2.5);
+        assert_eq!(c.task_time_limit, Some(30.0));
+        assert_eq!(c.transport_seconds("visibility_timeout"), Some(1.5));
+        assert_eq!(c.task_default_queue, "2024");
+    }
+
+    #[test]
+    fn result_backend_comes_from_celery_result_backend() {
+        let mut c = Config::default();
+        c.merge_env([
+            ("CELERY_BROKER_URL".to_owned(), "memory://".to_owned()),
+            ("CELERY_RESULT_BACKEND".to_owned(), "sqlite://results.db".to_owned()),
+        ])
+        .unwrap();
+        assert_eq!((c.broker_url.as_str(), c.result_backend_url()), ("memory://", "sqlite://results.db"));
+        c.merge_env([("CELERIAC_RESULT_BACKEND".to_owned(), "sqlite://other.db".to_owned())]).unwrap();
+        assert_eq!(c.result_backend_url(), "sqlite://other.db", "the CELERIAC_ form works too");
+    }
+
+    #[test]
+    fn the_settings_table_lists_every_field() {
+        // Every field spelled out (no `..Default::default()`): a new field does not compile here
+        // until it is added, and then this test fails until `SETTINGS` has it too.
+        let every = Config {
+            broker_url: DEFAULT_URL.to_owned(),
+            result_backend: Some(DEFAULT_URL.to_owned()),
+            broker_transport_options: BTreeMap::new(),
+            result_backend_transport_options: BTreeMap::new(),
+            result_expires: Some(1.0),
+            result_extended: false,
+            task_acks_late: false,
+            task_acks_on_failure_or_timeout: true,
+            task_default_queue: "celery".to_owned(),
+            task_routes: BTreeMap::new(),
+            task_always_eager: false,
+            task_eager_propagates: false,
+            task_ignore_result: false,
+            task_track_started: false,
+            task_time_limit: Some(1.0),
+            task_soft_time_limit: Some(1.0),
+            task_default_priority: Some(1),
+            task_serializer: "json".to_owned(),
+            accept_content: vec!["json".to_owned()],
+            worker_concurrency: Some(1),
+            worker_prefetch_multiplier: 4,
+            worker_disable_prefetch: false,
+            worker_soft_shutdown_timeout: 30.0,
+            worker_disable_rate_limits: false,
+            worker_dead_letter_failures: true,
+            worker_send_task_events: false,
+            task_inherit_parent_priority: false,
+            task_allow_error_cb_on_chord_header: false,
+            result_chord_join_timeout: 3.0,
+            task_retry_exceeded_wraps_error: true,
+        };
+        let Ok(toml::Value::Table(fields)) = toml::Value::try_from(&every) else { panic!("a config is a table") };
+        assert_eq!(fields.keys().cloned().collect::<Vec<_>>(), Config::keys());
+        let mut sorted = Config::keys();
+        sorted.sort();
+        assert_eq!(sorted, Config::keys(), "SETTINGS is sorted");
     }
 
     #[test]

@@ -188,11 +188,12 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
             );
             let mut failed = 0;
             for id in ids {
+                // `suspend`, not `println`: a hidden bar (output not a terminal) drops `println` lines.
                 match replay_dead_letter(broker.as_ref(), &id).await {
-                    Ok(task_id) => bar.println(format!("replayed {id} as task {task_id}")),
+                    Ok(task_id) => bar.suspend(|| println!("replayed {id} as task {task_id}")),
                     Err(e) => {
                         failed += 1;
-                        bar.println(format!("{e}"));
+                        bar.suspend(|| eprintln!("{e}"));
                     }
                 }
                 bar.inc(1);

@@ -101,7 +101,9 @@ pub(crate) async fn run(task: Arc<dyn Task>, request: Request, effective: &Effec
     let args = Args::new(request.task.clone(), request.args.clone(), request.kwargs.clone());
     let retries = request.retries;
     let soft = request.soft_limit.clone();
-    let mut handle = tokio::spawn(task.run(request, args));
+    // Aborted when dropped: a run the worker stops (immediate shutdown, grace over, terminate)
+    // must not go on in the background while its message is requeued or marked lost.
+    let mut handle = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(task.run(request, args)));
     let soft_timer = effective.soft_time_limit.map(|s| {
         let soft = soft.clone();
         tokio::spawn(async move {
