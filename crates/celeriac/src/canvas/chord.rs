@@ -94,7 +94,15 @@ pub(crate) fn freeze(ctx: &Ctx, sig: &mut Sig, f: Freeze) -> Result<Res, Error> 
         )?),
         None => None,
     };
-    let body_value = parts.body.as_ref().map(Sig::to_value);
+    // Python's header tasks hold the body object itself; what goes on the wire is the body with
+    // the links of chords nested in it stripped (`run` and `prepare_steps` strip before
+    // sending). Serializing it unstripped here would nest every level's body in every header
+    // task of the level above: exponential in the depth of nested chords.
+    let body_value = parts.body.as_ref().map(|b| {
+        let mut stripped = b.clone();
+        strip_header_links(&mut stripped);
+        stripped.to_value()
+    });
     parts.header_frozen = true;
     let header_result = super::group::freeze(
         ctx,
