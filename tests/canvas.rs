@@ -426,3 +426,112 @@ async fn workflows_on_redis() {
     w1.await.unwrap();
     w2.await.unwrap();
 }
+
+// A compensation delivered again after its rollback finished changes nothing: the record keeps
+// its final states and the compensations after it are not sent again. Two chains under one
+// root roll back separately.
+static DUP_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+#[task(name = "d.step")]
+async fn d_step(x: i64) -> TaskResult<i64> {
+    Ok(x)
+}
+
+#[task(name = "d.undo")]
+async fn d_undo(x: i64, tag: String) -> TaskResult<()> {
+    DUP_LOG.lock().unwrap().push(format!("{tag} {x}"));
+    Ok(())
+}
+
+#[task(name = "d.boom", max_retries = 0)]
+async fn d_boom(_x: i64) -> TaskResult<()> {
+    Err(TaskError::new("Boom", "x"))
+}
+
+fn dup_count(entry: &str) -> usize {
+    DUP_LOG.lock().unwrap().iter().filter(|e| *e == entry).count()
+}
+
+#[tokio::test]
+async fn a_redelivered_compensation_does_not_run_the_rollback_again() {
+    let (_dir, url) = sqlite_url();
+    let app = App::builder().broker_url(&url).task(d_step).task(d_undo).task(d_boom).build().await.unwrap();
+    let (shutdown, worker) = start_worker(&app, 2);
+    let first = uuid::Uuid::new_v4().to_string();
+    let undo = |tag: &str| celeriac::Signature::new("d.undo", vec![]).kwarg("tag", tag);
+    chain([
+        d_step::s(1).with_task_id(&first).compensate_with(undo("a")),
+        d_step::si(2).compensate_with(undo("b")),
+        celeriac::Signature::new("d.boom", vec![]),
+    ])
+    .delay(&app)
+    .await
+    .unwrap();
+    let done = eventually(WAIT, || async {
+        matches!(celeriac::canvas::saga::rollback(&app, &first).await, Ok(Some(rb)) if rb.state == "done")
+    })
+    .await;
+    assert!(done, "rollback finished");
+    assert_eq!((dup_count("b 2"), dup_count("a 1")), (1, 1), "{:?}", DUP_LOG.lock().unwrap());
+    let rb = celeriac::canvas::saga::rollback(&app, &first).await.unwrap().unwrap();
+
+    // Deliver the first compensation (b) again, as a redelivery would.
+    let first_undo = &rb.steps[0];
+    let mut headers = serde_json::Map::new();
+    headers.insert(
+        "celeriac_rollback".into(),
+        serde_json::json!({"root_id": rb.root_id, "key": rb.chain_result_id, "index": 0}),
+    );
+    app.send_signature(first_undo.compensation.clone().with_task_id(&first_undo.task_id).headers(headers))
+        .await
+        .unwrap();
+    assert!(
+        eventually(WAIT, || async { dup_count("b 2") == 2 }).await,
+        "the duplicate ran (compensations are idempotent)"
+    );
+    shutdown.graceful();
+    worker.await.unwrap();
+    assert_eq!(queue_stats(&app, "celery").await.ready, 0, "nothing else was sent");
+    assert_eq!(dup_count("a 1"), 1, "the compensation after it was not sent again");
+    let again = celeriac::canvas::saga::rollback(&app, &first).await.unwrap().unwrap();
+    assert_eq!(again.state, "done");
+    assert_eq!(again.steps.iter().map(|s| s.state.as_str()).collect::<Vec<_>>(), ["done", "done"]);
+}
+
+#[task(name = "d.undo_fail", max_retries = 0)]
+async fn d_undo_fail(_x: i64) -> TaskResult<()> {
+    DUP_LOG.lock().unwrap().push("undo_fail".into());
+    Err(TaskError::new("RefundRejected", "the bank said no"))
+}
+
+#[tokio::test]
+async fn a_failed_compensation_is_recorded_and_the_rollback_goes_on() {
+    let (_dir, url) = sqlite_url();
+    let app =
+        App::builder().broker_url(&url).task(d_step).task(d_undo).task(d_undo_fail).task(d_boom).build().await.unwrap();
+    let (shutdown, worker) = start_worker(&app, 2);
+    let first = uuid::Uuid::new_v4().to_string();
+    chain([
+        d_step::s(10)
+            .with_task_id(&first)
+            .compensate_with(celeriac::Signature::new("d.undo", vec![]).kwarg("tag", "c")),
+        d_step::si(20).compensate_with(celeriac::Signature::new("d.undo_fail", vec![])),
+        celeriac::Signature::new("d.boom", vec![]),
+    ])
+    .delay(&app)
+    .await
+    .unwrap();
+    let finished = eventually(WAIT, || async {
+        matches!(celeriac::canvas::saga::rollback(&app, &first).await, Ok(Some(rb)) if rb.finished_at.is_some())
+    })
+    .await;
+    assert!(finished, "rollback finished");
+    let rb = celeriac::canvas::saga::rollback(&app, &first).await.unwrap().unwrap();
+    assert_eq!(rb.state, "failed", "one compensation failed for good");
+    let steps: Vec<(&str, &str)> = rb.steps.iter().map(|s| (s.task.as_str(), s.state.as_str())).collect();
+    assert_eq!(steps, [("d.undo_fail", "failed"), ("d.undo", "done")], "the next compensation still ran");
+    assert_eq!(rb.steps[0].error.as_ref().map(|e| e.exc_type.as_str()), Some("RefundRejected"));
+    assert_eq!(dup_count("c 10"), 1);
+    shutdown.graceful();
+    worker.await.unwrap();
+}

@@ -43,6 +43,10 @@ pub struct FailureReport {
 pub trait ErrorReporter: Send + Sync + 'static {
     /// Called once per final failure.
     fn report(&self, failure: &FailureReport);
+
+    /// Called when the rollback a failure started has finished (`done`: every compensation
+    /// succeeded; `failed`: one failed for good), so the tracker learns how it ended.
+    fn rollback_finished(&self, _rollback: &crate::canvas::saga::Rollback) {}
 }
 
 impl<F: Fn(&FailureReport) + Send + Sync + 'static> ErrorReporter for F {

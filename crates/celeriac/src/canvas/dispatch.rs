@@ -94,7 +94,7 @@ pub(crate) async fn on_failure(call: &Call, exc: &ExceptionInfo, traceback: Opti
     chord_part_return(call, State::Failure, exc_value).await;
     if let Some(chain) = call.body.embed.as_ref().and_then(|e| e.chain.as_ref()) {
         let values: Vec<Value> = chain.iter().map(sig_value).collect();
-        fail_chain(call, &values, exc, traceback, rollback.as_ref()).await;
+        fail_chain(&ctx_of(call, Map::new()), &values, exc, traceback, rollback.as_ref()).await;
     }
     let errbacks: Vec<Value> =
         call.body.embed.as_ref().and_then(|e| e.errbacks.as_ref()).into_iter().flatten().map(sig_value).collect();
@@ -132,8 +132,7 @@ async fn store_failure(ctx: &Ctx, task_id: &str, exc: &ExceptionInfo, traceback:
 
 /// `_fail_chain`: FAILURE for each remaining step (and its chord part), descending into the
 /// bodies of chords in the chain.
-async fn fail_chain(call: &Call, chain: &[Value], exc: &ExceptionInfo, traceback: Option<&str>, extra: Option<&Value>) {
-    let ctx = ctx_of(call, Map::new());
+async fn fail_chain(ctx: &Ctx, chain: &[Value], exc: &ExceptionInfo, traceback: Option<&str>, extra: Option<&Value>) {
     let mut pending: std::collections::VecDeque<Value> = chain.iter().cloned().collect();
     let mut guard = 0;
     while let Some(elem) = pending.pop_front() {
@@ -145,11 +144,11 @@ async fn fail_chain(call: &Call, chain: &[Value], exc: &ExceptionInfo, traceback
         let id = options.get("task_id").and_then(Value::as_str).map(str::to_owned);
         let in_chord = options.contains_key("chord");
         let already_failed = match (&id, in_chord) {
-            (Some(id), true) => call.app.backend().get(id).await.ok().flatten().is_some_and(|m| m.status.propagates()),
+            (Some(id), true) => ctx.app.backend().get(id).await.ok().flatten().is_some_and(|m| m.status.propagates()),
             _ => false,
         };
         if let Some(id) = &id {
-            store_failure(&ctx, id, exc, traceback, extra).await;
+            store_failure(ctx, id, exc, traceback, extra).await;
         }
         if in_chord
             && !already_failed
@@ -161,7 +160,7 @@ async fn fail_chain(call: &Call, chain: &[Value], exc: &ExceptionInfo, traceback
                 group_index: options.get("group_index").and_then(Value::as_u64),
                 chord: options.get("chord").cloned(),
             };
-            part_return(&ctx, &part, State::Failure, serde_json::to_value(exc).unwrap_or_default()).await;
+            Box::pin(part_return(ctx, &part, State::Failure, serde_json::to_value(exc).unwrap_or_default())).await;
         }
         if elem.get("subtask_type").and_then(Value::as_str) == Some("chord")
             && let Some(body) = elem.get("kwargs").and_then(|k| k.get("body")).filter(|b| !b.is_null())
@@ -245,6 +244,25 @@ pub(crate) async fn run_inline(ctx: &Ctx, sig: &Signature, args: Vec<Value>) -> 
         Ok(r) => r,
         Err(e) => Err(crate::TaskError::new("Panic", e.to_string())),
     }
+}
+
+/// `mark_as_revoked`: a revoked (or expired) chord member counts as revoked, which fails the
+/// chord.
+pub(crate) async fn on_revoked(
+    app: &crate::App,
+    message: &crate::protocol::Message,
+    body: &crate::protocol::TaskBody,
+    why: &str,
+) {
+    let Some(chord) = body.embed.as_ref().and_then(|e| e.chord.as_ref()) else { return };
+    let part = PartOf {
+        id: message.headers.id.clone(),
+        group: message.headers.group.clone(),
+        group_index: message.headers.group_index,
+        chord: Some(sig_value(chord)),
+    };
+    let exc = serde_json::to_value(ExceptionInfo::revoked(why)).unwrap_or_default();
+    part_return(&Ctx::client(app), &part, State::Revoked, exc).await;
 }
 
 /// The chord membership of a call (or of a chain step failed on its behalf).
@@ -380,7 +398,9 @@ fn join<'a>(ctx: &'a Ctx, header: &'a Res) -> futures::future::BoxFuture<'a, Res
 /// group body: each member, with the failed member's own exception).
 pub(crate) async fn chord_error_from_stack(ctx: &Ctx, callback: Sig, exc: ExceptionInfo, cause: Option<ExceptionInfo>) {
     if callback.is_group() {
-        group_chord_error(ctx, callback, cause.unwrap_or(exc)).await;
+        let chain = callback.list_option("chain");
+        group_chord_error(ctx, callback, cause.unwrap_or_else(|| exc.clone())).await;
+        fail_chain(ctx, &chain, &exc, None, None).await;
         return;
     }
     let callback_id = callback.id().map(str::to_owned).unwrap_or_else(super::apply::new_id);
@@ -394,15 +414,7 @@ pub(crate) async fn chord_error_from_stack(ctx: &Ctx, callback: Sig, exc: Except
     call_errbacks(ctx, &request, &errbacks, &exc, None).await;
     store_failure(ctx, &callback_id, &exc, None, None).await;
     let chain = callback.list_option("chain");
-    fail_chain_values(ctx, &chain, &exc).await;
-}
-
-async fn fail_chain_values(ctx: &Ctx, chain: &[Value], exc: &ExceptionInfo) {
-    for elem in chain {
-        if let Some(id) = elem.get("options").and_then(|o| o.get("task_id")).and_then(Value::as_str) {
-            store_failure(ctx, id, exc, None, None).await;
-        }
-    }
+    fail_chain(ctx, &chain, &exc, None, None).await;
 }
 
 /// `_result_errbacks`: the id of a signature's result and the errbacks linked to it.

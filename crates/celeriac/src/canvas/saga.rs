@@ -85,18 +85,59 @@ impl Rollback {
     }
 }
 
-fn key(root_id: &str) -> String {
-    format!("rollback:{root_id}")
+fn key(chain_result_id: &str) -> String {
+    format!("rollback:{chain_result_id}")
 }
 
-/// The rollback record of the workflow `root_id`, if it was rolled back.
-pub async fn rollback(app: &App, root_id: &str) -> Result<Option<Rollback>, Error> {
-    Ok(app.backend().get_record(&key(root_id)).await?.and_then(|v| serde_json::from_value(v).ok()))
+fn index_key(root_id: &str) -> String {
+    format!("rollbacks:{root_id}")
+}
+
+async fn by_key(app: &App, chain_result_id: &str) -> Result<Option<Rollback>, Error> {
+    Ok(app.backend().get_record(&key(chain_result_id)).await?.and_then(|v| serde_json::from_value(v).ok()))
+}
+
+/// The rollback of the chain whose result id (or workflow root id) is `id`: with several
+/// chains rolled back under one root (chains in a group), the first that failed.
+pub async fn rollback(app: &App, id: &str) -> Result<Option<Rollback>, Error> {
+    if let Some(r) = by_key(app, id).await? {
+        return Ok(Some(r));
+    }
+    Ok(rollbacks(app, id).await?.into_iter().next())
+}
+
+/// Every rollback under the workflow `root_id`, in the order they started.
+pub async fn rollbacks(app: &App, root_id: &str) -> Result<Vec<Rollback>, Error> {
+    let ids: Vec<String> = app
+        .backend()
+        .get_record(&index_key(root_id))
+        .await?
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(r) = by_key(app, &id).await? {
+            out.push(r);
+        }
+    }
+    Ok(out)
 }
 
 async fn save(app: &App, record: &Rollback) -> Result<(), Error> {
     let value = serde_json::to_value(record).unwrap_or(Value::Null);
-    Ok(app.backend().put_record(&key(&record.root_id), &value, app.config().result_expires_duration()).await?)
+    let expires = app.config().result_expires_duration();
+    app.backend().put_record(&key(&record.chain_result_id), &value, expires).await?;
+    let mut ids: Vec<String> = app
+        .backend()
+        .get_record(&index_key(&record.root_id))
+        .await?
+        .and_then(|v| serde_json::from_value(v).ok())
+        .unwrap_or_default();
+    if !ids.contains(&record.chain_result_id) {
+        ids.push(record.chain_result_id.clone());
+        app.backend().put_record(&index_key(&record.root_id), &Value::from(ids), expires).await?;
+    }
+    Ok(())
 }
 
 fn owed(call: &Call) -> Vec<Owed> {
@@ -126,9 +167,11 @@ pub(crate) fn headers_after_success(call: &Call, value: &Value) -> Map<String, V
     headers
 }
 
+/// The rollback a compensation belongs to (its chain's result id) and its place in it.
 fn rollback_header(call: &Call) -> Option<(String, usize)> {
     let h = call.message.headers.extra.get(ROLLBACK)?;
-    Some((h.get("root_id")?.as_str()?.to_owned(), h.get("index")?.as_u64()? as usize))
+    let key = h.get("key").or_else(|| h.get("root_id"))?.as_str()?.to_owned();
+    Some((key, h.get("index")?.as_u64()? as usize))
 }
 
 /// Whether this call is a compensation (always acknowledged late).
@@ -148,9 +191,6 @@ pub(crate) async fn start_rollback(call: &Call, exc: &ExceptionInfo) -> Option<V
     }
     let app = &call.app;
     let root = call.request.root_id.clone().unwrap_or_else(|| call.request.id.clone());
-    if let Ok(Some(existing)) = rollback(app, &root).await {
-        return Some(existing.summary());
-    }
     let chain_result_id = call
         .body
         .embed
@@ -159,6 +199,10 @@ pub(crate) async fn start_rollback(call: &Call, exc: &ExceptionInfo) -> Option<V
         .and_then(|c| c.first())
         .and_then(super::primitives::result_id)
         .unwrap_or_else(|| call.request.id.clone());
+    if let Ok(Some(existing)) = by_key(app, &chain_result_id).await {
+        // This chain's failure was already handled (a redelivered step).
+        return Some(existing.summary());
+    }
     let steps = owed
         .into_iter()
         .rev()
@@ -200,7 +244,10 @@ async fn send_step(app: &App, record: &Rollback, index: usize) {
     sig.options.insert("parent_id".into(), Value::String(record.failed_task_id.clone()));
     sig.options.insert("root_id".into(), Value::String(record.root_id.clone()));
     let mut headers = Map::new();
-    headers.insert(ROLLBACK.into(), serde_json::json!({"root_id": record.root_id, "index": index}));
+    headers.insert(
+        ROLLBACK.into(),
+        serde_json::json!({"root_id": record.root_id, "key": record.chain_result_id, "index": index}),
+    );
     let ctx = Ctx { app: app.clone(), current: None, headers };
     let sent = match Sig::from_signature(sig) {
         Ok(sig) => apply_async(&ctx, sig, Apply::default()).await.map(|_| ()),
@@ -214,8 +261,11 @@ async fn send_step(app: &App, record: &Rollback, index: usize) {
 /// Marks a compensation running (called when it starts).
 pub(crate) async fn on_start(call: &Call) {
     let Some((root, index)) = rollback_header(call) else { return };
-    if let Ok(Some(mut record)) = rollback(&call.app, &root).await
+    if let Ok(Some(mut record)) = by_key(&call.app, &root).await
         && let Some(step) = record.steps.get_mut(index)
+        // A redelivered compensation that already finished keeps its final state.
+        && step.state != "done"
+        && step.state != "failed"
     {
         step.state = "running".into();
         step.retries = call.request.retries;
@@ -227,7 +277,7 @@ pub(crate) async fn on_start(call: &Call) {
 pub(crate) async fn after_compensation(call: &Call, state: State, exc: Option<&ExceptionInfo>) {
     let Some((root, index)) = rollback_header(call) else { return };
     let app = &call.app;
-    let Ok(Some(mut record)) = rollback(app, &root).await else { return };
+    let Ok(Some(mut record)) = by_key(app, &root).await else { return };
     let Some(step) = record.steps.get_mut(index) else { return };
     if step.state == "done" || step.state == "failed" {
         return; // a redelivered compensation: the record already moved on
@@ -243,7 +293,10 @@ pub(crate) async fn after_compensation(call: &Call, state: State, exc: Option<&E
     record.state = if record.steps.iter().all(|s| s.state == "done") { "done" } else { "failed" }.into();
     record.finished_at = Some(time::to_iso(&Utc::now()));
     let _ = save(app, &record).await;
-    tracing::warn!(root_id = %root, state = %record.state, "rollback finished");
+    tracing::warn!(chain = %root, state = %record.state, "rollback finished");
+    for reporter in app.error_reporters() {
+        reporter.rollback_finished(&record);
+    }
     let mut meta = ResultMeta::exception(&record.chain_result_id, State::Failure, &record.error, None);
     meta.extra.insert("rollback".into(), record.summary());
     let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;

@@ -21,7 +21,9 @@ pub(crate) async fn apply_async(app: &App, signature: Signature) -> Result<Async
         // first must not reorder them (`_freeze_unroll` would).
         *tasks = flatten_in_order(std::mem::take(tasks));
     }
-    if !matches!(sig.node, Node::Task) {
+    let has_links = sig.opt("link").is_some() || sig.opt("link_error").is_some();
+    if !matches!(sig.node, Node::Task) || has_links {
+        // Recorded for `celeriac workflow`: canvases, and tasks with callbacks.
         let res = super::apply::freeze(&ctx, &mut sig, Freeze::default())?;
         super::workflow::save(app, &sig.to_signature(), &res.id()).await?;
     }

@@ -92,10 +92,64 @@ pub struct Workflow {
 pub async fn workflow(app: &App, id: &str) -> Result<Option<Workflow>, Error> {
     let Some(value) = app.backend().get_record(&format!("workflow:{id}")).await? else { return Ok(None) };
     let Ok(sig) = serde_json::from_value::<Signature>(value) else { return Ok(None) };
-    let root = node(app, &sig, None).await?;
+    let mut root = node(app, &sig, None).await?;
+    let mut known = Vec::new();
+    collect_ids(&root, &mut known);
+    add_sent(app, &mut root, &known).await?;
     let root_id = first_task_id(&sig).unwrap_or_else(|| id.to_owned());
     let rollback = rollback(app, &root_id).await?;
     Ok(Some(Workflow { root, rollback }))
+}
+
+fn collect_ids(n: &WorkflowNode, out: &mut Vec<String>) {
+    out.extend(n.id.clone());
+    n.children.iter().for_each(|c| collect_ids(c, out));
+}
+
+/// Adds what each task sent beyond the canvas itself (its `link` callbacks and errbacks, and
+/// tasks sent with `Request::send`), from the `children` stored with its result.
+fn add_sent<'a>(app: &'a App, n: &'a mut WorkflowNode, known: &'a [String]) -> BoxFuture<'a, Result<(), Error>> {
+    Box::pin(async move {
+        for c in n.children.iter_mut() {
+            add_sent(app, c, known).await?;
+        }
+        if n.state.is_none() || !n.children.is_empty() {
+            return Ok(());
+        }
+        let Some(id) = n.id.clone() else { return Ok(()) };
+        let meta = app.async_result(&id).meta().await?;
+        for tuple in meta.children.iter().flatten() {
+            let Some(res) = super::result::Res::from_tuple(tuple) else { continue };
+            for child in res.leaf_ids().into_iter().filter(|c| !known.contains(c)) {
+                let m = app.async_result(&child).meta().await?;
+                n.children.push(WorkflowNode {
+                    name: format!("sent: {}", m.name.clone().unwrap_or_else(|| "task".into())),
+                    id: Some(child),
+                    state: Some(m.status.clone()),
+                    retries: m.retries,
+                    started: m.extra.get("date_started").and_then(Value::as_str).map(str::to_owned),
+                    done: m.date_done.clone(),
+                    result: match m.status {
+                        State::Pending => None,
+                        State::Failure | State::Retry | State::Revoked => {
+                            m.exception_info().map(|e| format!("{}: {}", e.exc_type, e.message()))
+                        }
+                        _ => Some(short(&m.result)),
+                    },
+                    compensation: None,
+                    children: Vec::new(),
+                });
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Seconds between two ISO times, when both are known.
+fn took(started: &Option<String>, done: &Option<String>) -> Option<f64> {
+    let s = crate::protocol::time::parse_iso(started.as_deref()?)?;
+    let d = crate::protocol::time::parse_iso(done.as_deref()?)?;
+    Some((d - s).num_microseconds()? as f64 / 1e6)
 }
 
 fn short(v: &Value) -> String {
@@ -194,8 +248,16 @@ impl fmt::Display for Workflow {
             if let Some(r) = n.retries.filter(|r| *r > 0) {
                 write!(f, "  retries={r}")?;
             }
-            if let Some(d) = &n.done {
-                write!(f, "  done={d}")?;
+            match took(&n.started, &n.done) {
+                Some(t) => write!(f, "  started={}  took={t:.3}s", n.started.as_deref().unwrap_or_default())?,
+                None => {
+                    if let Some(s) = &n.started {
+                        write!(f, "  started={s}")?;
+                    }
+                    if let Some(d) = &n.done {
+                        write!(f, "  done={d}")?;
+                    }
+                }
             }
             if let Some(r) = &n.result {
                 write!(f, "  → {r}")?;

@@ -260,11 +260,15 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
     };
     let info = request_info(&message, &body, d.redelivered(), &ctx.options.hostname);
     if ctx.state.is_revoked(&id) {
-        return revoked(ctx, d, &id, "revoked", false).await;
+        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+    }
+    if let Some(stamp) = revoked_by_stamp(ctx, &message) {
+        tracing::info!(task_id = %id, %stamp, "discarding task revoked by stamped header");
+        return revoked(ctx, d, (&message, &body), "revoked", false).await;
     }
     if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %id, "task expired before it ran: revoked");
-        return revoked(ctx, d, &id, "expired", false).await;
+        return revoked(ctx, d, (&message, &body), "expired", false).await;
     }
     if let Some(eta) = message.headers.eta_time().filter(|t| *t > Utc::now() + chrono::Duration::milliseconds(5)) {
         // A transport that delivered early (or a clock ahead of ours): back to the broker.
@@ -324,14 +328,31 @@ pub(crate) fn request_info(
     }
 }
 
-/// Stores REVOKED (unless the revoke command already did), acks, and sends `task-revoked`.
-async fn revoked(ctx: &Ctx, d: &Delivery, id: &str, why: &str, terminated: bool) {
+fn revoked_by_stamp(ctx: &Ctx, message: &Message) -> Option<String> {
+    let names: Vec<String> = match &message.headers.stamped_headers {
+        Some(serde_json::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect(),
+        _ => return None,
+    };
+    ctx.state.revoking_stamp(&names, &message.headers.stamps)
+}
+
+/// Stores REVOKED (unless the revoke command already did), counts a chord member as revoked,
+/// acks, and sends `task-revoked`.
+async fn revoked(
+    ctx: &Ctx,
+    d: &Delivery,
+    (message, body): (&Message, &crate::protocol::TaskBody),
+    why: &str,
+    terminated: bool,
+) {
     let app = &ctx.app;
+    let id = message.headers.id.as_str();
     if app.backend().get(id).await.ok().flatten().is_none_or(|m| m.status != State::Revoked) {
         let mut meta = ResultMeta::exception(id, State::Revoked, &ExceptionInfo::revoked(why), None);
         meta.children = None;
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
     }
+    crate::canvas::dispatch::on_revoked(app, message, body, why).await;
     ctx.stats.revoked.fetch_add(1, Ordering::Relaxed);
     settle_ack(app, d).await;
     let mut f = serde_json::Map::new();
@@ -393,8 +414,8 @@ async fn run_reserved(
             }
         }
     }
-    if ctx.state.is_revoked(&id) {
-        return revoked(ctx, d, &id, "revoked", false).await;
+    if ctx.state.is_revoked(&id) || revoked_by_stamp(ctx, &message).is_some() {
+        return revoked(ctx, d, (&message, &body), "revoked", false).await;
     }
     info.insert("time_start".into(), (chrono::Utc::now().timestamp_micros() as f64 / 1e6).into());
     info.insert("acknowledged".into(), (!effective.acks_late).into());
@@ -424,7 +445,7 @@ async fn run_reserved(
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
             ctx.state.finish(&id, &call.request.task);
             tracing::warn!(task_id = %id, "terminated by remote control");
-            return revoked(ctx, d, &id, "terminated", true).await;
+            return revoked(ctx, d, (&call.message, &call.body), "terminated", true).await;
         }
     };
     ctx.stats.active.fetch_sub(1, Ordering::Relaxed);

@@ -180,6 +180,7 @@ impl Control {
                     method == "terminate" || args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
                 return Some(self.revoke(&ids, terminate).await);
             }
+            "revoke_by_stamped_headers" => return Some(self.revoke_by_stamped_headers(args)),
             "rate_limit" => {
                 let Some(task) = text("task_name").filter(|t| self.app.task(t).is_some()) else {
                     tracing::error!(task = ?text("task_name"), "rate limit attempt for unknown task");
@@ -263,6 +264,43 @@ impl Control {
                 Some(json!({"eta": message.headers.eta, "priority": 6, "request": info}))
             })
             .collect()
+    }
+
+    /// Celery's `revoke_by_stamped_headers`: remembers the stamp values (a task stamped with
+    /// one is not run), and with `terminate` stops running tasks that carry one.
+    fn revoke_by_stamped_headers(&self, args: &Map<String, Value>) -> Value {
+        let headers: Map<String, Value> = match args.get("headers") {
+            Some(Value::Object(m)) => m.clone(),
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str()?.split_once('=').map(|(k, v)| (k.to_owned(), Value::from(v))))
+                .collect(),
+            _ => Map::new(),
+        };
+        for (name, values) in &headers {
+            let values = match values {
+                Value::Array(a) => a.clone(),
+                one => vec![one.clone()],
+            };
+            self.state.revoke_stamps(name, values);
+        }
+        let shown = py_repr(&Value::Object(headers.clone()));
+        if !args.get("terminate").and_then(Value::as_bool).unwrap_or(false) {
+            return ok(format!("headers {shown} flagged as revoked, but not terminated"));
+        }
+        let mut terminated = Vec::new();
+        for info in self.state.running() {
+            let Some(id) = info.get("id").and_then(Value::as_str) else { continue };
+            let stamps = info.get("stamps").and_then(Value::as_object).cloned().unwrap_or_default();
+            let names: Vec<String> = stamps.keys().cloned().collect();
+            if self.state.revoking_stamp(&names, &stamps).is_some() && self.state.terminate(id) {
+                terminated.push(id.to_owned());
+            }
+        }
+        if terminated.is_empty() {
+            return ok(format!("headers {shown} were not terminated"));
+        }
+        ok(format!("headers {shown} revoked"))
     }
 
     /// Celery 5.7's `_revoke`: remembers the ids (a revoked task that reaches this worker

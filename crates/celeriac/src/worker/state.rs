@@ -34,6 +34,8 @@ pub(crate) struct WorkerState {
     pub clock: AtomicU64,
     pub started: std::time::Instant,
     revoked: Mutex<(HashSet<String>, VecDeque<String>)>,
+    /// Stamped-header values revoked (`revoke_by_stamped_headers`): header → values.
+    revoked_stamps: Mutex<HashMap<String, Vec<Value>>>,
     running: Mutex<HashMap<String, RequestInfo>>,
     reserved: Mutex<HashMap<String, Map<String, Value>>>,
     totals: Mutex<BTreeMap<String, u64>>,
@@ -50,6 +52,7 @@ impl WorkerState {
             clock: AtomicU64::new(0),
             started: std::time::Instant::now(),
             revoked: Mutex::default(),
+            revoked_stamps: Mutex::default(),
             running: Mutex::default(),
             reserved: Mutex::default(),
             totals: Mutex::default(),
@@ -88,6 +91,31 @@ impl WorkerState {
 
     pub(crate) fn is_revoked(&self, id: &str) -> bool {
         lock(&self.revoked).0.contains(id)
+    }
+
+    /// Adds revoked stamp values (`revoke_by_stamped_headers`).
+    pub(crate) fn revoke_stamps(&self, header: &str, values: Vec<Value>) {
+        lock(&self.revoked_stamps).entry(header.to_owned()).or_default().extend(values);
+    }
+
+    /// The stamp that revokes a message with these stamps, as Celery's `Request.revoked()`
+    /// matches them: a stamped value (or one of a list of them) among the revoked values.
+    pub(crate) fn revoking_stamp(&self, stamped_headers: &[String], stamps: &Map<String, Value>) -> Option<String> {
+        let revoked = lock(&self.revoked_stamps);
+        for name in stamped_headers {
+            let (Some(values), Some(stamp)) = (revoked.get(name), stamps.get(name)) else { continue };
+            if stamp.is_null() {
+                continue;
+            }
+            let hit = match stamp {
+                Value::Array(items) => items.iter().any(|v| values.contains(v)),
+                one => values.contains(one),
+            };
+            if hit {
+                return Some(format!("{name}={stamp}"));
+            }
+        }
+        None
     }
 
     pub(crate) fn revoked_ids(&self) -> Vec<String> {
