@@ -347,6 +347,10 @@ async fn redis_conn() -> Result<redis::aio::ConnectionManager, TaskError> {
 fn redis_arg(v: &Value) -> Result<String, TaskError> {
     match v {
         Value::String(s) => Ok(s.clone()),
+        // kombu's JSON writes Python bytes as `{"__type__": "bytes", "__value__": "<utf-8>"}`.
+        Value::Object(o) if o.get("__type__").and_then(Value::as_str) == Some("bytes") => {
+            Ok(o.get("__value__").and_then(Value::as_str).unwrap_or_default().to_owned())
+        }
         Value::Number(n) => Ok(n.to_string()),
         other => Err(TaskError::python(
             "redis.exceptions",

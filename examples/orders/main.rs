@@ -20,6 +20,7 @@ use chrono::Utc;
 use indicatif::{ProgressBar, ProgressStyle};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -43,6 +44,28 @@ static FLAKE_RATE: Mutex<f64> = Mutex::new(0.12);
 static REFUNDS: AtomicU64 = AtomicU64::new(0);
 static RELEASES: AtomicU64 = AtomicU64::new(0);
 
+/// What happened to each order, counted by the tasks themselves: how many times each step
+/// succeeded, so the books can tell a step that ran twice from one that ran once.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ledger {
+    paid: u32,
+    reserved: u32,
+    shipped: u32,
+    refunded: u32,
+    released: u32,
+}
+
+static LEDGER: Mutex<BTreeMap<u64, Ledger>> = Mutex::new(BTreeMap::new());
+
+fn record(order_id: u64, f: impl FnOnce(&mut Ledger)) {
+    f(LEDGER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).entry(order_id).or_default());
+}
+
+/// The order id at the front of a `pay-<id>-...` / `res-<id>-...` reference.
+fn order_of(reference: &str) -> Option<u64> {
+    reference.split('-').nth(1)?.parse().ok()
+}
+
 /// A simulated third-party call: a few ms of latency, sometimes a timeout or a 5xx.
 async fn third_party(service: &str, order_id: u64) -> Result<(), TaskError> {
     let (latency, roll) = {
@@ -64,12 +87,14 @@ async fn third_party(service: &str, order_id: u64) -> Result<(), TaskError> {
 #[task(name = "orders.validate_payment", autoretry_for = ["Timeout", "HttpError"], retry_backoff = true, retry_backoff_max = 2, max_retries = 4)]
 async fn validate_payment(order: Order) -> TaskResult<String> {
     third_party("payment gateway", order.id).await?;
+    record(order.id, |l| l.paid += 1);
     Ok(format!("pay-{}-{}", order.id, order.amount_cents))
 }
 
 #[task(name = "orders.reserve_inventory", autoretry_for = ["Timeout", "HttpError"], retry_backoff = true, retry_backoff_max = 2, max_retries = 4)]
 async fn reserve_inventory(payment: String, order: Order) -> TaskResult<String> {
     third_party("inventory service", order.id).await?;
+    record(order.id, |l| l.reserved += 1);
     Ok(format!("res-{}-{}x{}-{payment}", order.id, order.quantity, order.sku))
 }
 
@@ -79,6 +104,7 @@ async fn create_shipment(reservation: String, order: Order) -> TaskResult<String
         return Err(TaskError::new("HttpError", format!("carrier answered 503: no carrier serves order {}", order.id)));
     }
     third_party("carrier", order.id).await?;
+    record(order.id, |l| l.shipped += 1);
     Ok(format!("ship-{}-{}", order.id, reservation.len()))
 }
 
@@ -107,6 +133,9 @@ async fn summary(notifications: Vec<String>, order_id: u64, submitted_ms: i64) -
 #[task(name = "orders.release_inventory")]
 async fn release_inventory(reservation: String) -> TaskResult<()> {
     RELEASES.fetch_add(1, Ordering::SeqCst);
+    if let Some(id) = order_of(&reservation) {
+        record(id, |l| l.released += 1);
+    }
     tracing::debug!(%reservation, "inventory released");
     Ok(())
 }
@@ -114,6 +143,9 @@ async fn release_inventory(reservation: String) -> TaskResult<()> {
 #[task(name = "orders.refund_payment")]
 async fn refund_payment(payment: String) -> TaskResult<()> {
     REFUNDS.fetch_add(1, Ordering::SeqCst);
+    if let Some(id) = order_of(&payment) {
+        record(id, |l| l.refunded += 1);
+    }
     tracing::debug!(%payment, "payment refunded");
     Ok(())
 }
@@ -259,13 +291,13 @@ async fn main() -> anyhow::Result<()> {
             let meta = result.meta().await?;
             match meta.status {
                 State::Success => settled[i] = Some((State::Success, meta.date_done.clone())),
-                State::Failure => {
-                    if let Some(rb) = saga::rollback(&app, first).await?
-                        && rb.state != "running"
-                    {
-                        settled[i] = Some((State::Failure, Some(rb.state)));
-                    }
-                }
+                State::Failure => match saga::rollback(&app, first).await? {
+                    Some(rb) if rb.state != "running" => settled[i] = Some((State::Failure, Some(rb.state))),
+                    Some(_) => {}
+                    // Failed at the first step: nothing to undo, so no rollback is recorded.
+                    None if meta.extra.get("rollback").is_none() => settled[i] = Some((State::Failure, None)),
+                    None => {}
+                },
                 _ => {}
             }
         }
@@ -286,6 +318,8 @@ async fn main() -> anyhow::Result<()> {
     // The books.
     let mut done = 0u64;
     let mut compensated = 0u64;
+    let mut failed_first = 0u64;
+    let ledger = LEDGER.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
     let mut e2e_ms = Vec::new();
     let mut problems = Vec::new();
     for (i, (order_id, first, result)) in submitted.iter().enumerate() {
@@ -301,11 +335,27 @@ async fn main() -> anyhow::Result<()> {
                 if saga::rollback(&app, first).await?.is_some() {
                     problems.push(format!("order {order_id} succeeded but was rolled back"));
                 }
+                let l = ledger.get(order_id).copied().unwrap_or_default();
+                if (l.paid, l.reserved, l.shipped, l.refunded, l.released) != (1, 1, 1, 0, 0) {
+                    problems.push(format!("order {order_id} done, but its steps ran {l:?} (each once expected)"));
+                }
             }
             Some((_, Some(state))) => {
                 compensated += 1;
                 if state != "done" {
                     problems.push(format!("order {order_id}: rollback ended {state}"));
+                }
+                let l = ledger.get(order_id).copied().unwrap_or_default();
+                // Every step that succeeded is undone once; nothing is shipped.
+                if l.paid != 1 || l.refunded != 1 || l.released != l.reserved || l.reserved > 1 || l.shipped != 0 {
+                    problems.push(format!("order {order_id} rolled back, but its books say {l:?}"));
+                }
+            }
+            Some((_, None)) => {
+                failed_first += 1;
+                let l = ledger.get(order_id).copied().unwrap_or_default();
+                if (l.paid, l.refunded, l.released) != (0, 0, 0) {
+                    problems.push(format!("order {order_id} failed at payment, but its books say {l:?}"));
                 }
             }
             _ => problems.push(format!("order {order_id} never settled (lost?)")),
@@ -323,6 +373,9 @@ async fn main() -> anyhow::Result<()> {
     row("orders submitted", args.orders.to_string());
     row("orders done", done.to_string());
     row("orders compensated (rolled back)", compensated.to_string());
+    if failed_first > 0 {
+        row("orders failed at payment (no undo)", failed_first.to_string());
+    }
     row(
         "  refunds / inventory releases",
         format!("{} / {}", REFUNDS.load(Ordering::SeqCst), RELEASES.load(Ordering::SeqCst)),
@@ -340,17 +393,28 @@ async fn main() -> anyhow::Result<()> {
     row("wall time (s)", format!("{:.1}", wall.as_secs_f64()));
     println!("└────────────────────────────────────┴──────────────┘");
 
-    if done + compensated != args.orders {
-        problems.push(format!("{done} done + {compensated} compensated != {} orders", args.orders));
+    if done + compensated + failed_first != args.orders {
+        problems.push(format!(
+            "{done} done + {compensated} compensated + {failed_first} failed at payment != {} orders",
+            args.orders
+        ));
     }
     if compensated < doomed_count {
         problems.push(format!("expected at least the {doomed_count} doomed order(s) compensated, got {compensated}"));
     }
-    if dead.len() as u64 != compensated || reported != compensated {
-        problems.push(format!("each compensated order should be dead-lettered and reported once: {compensated} compensated, {} dead letters, {reported} reports", dead.len()));
+    let failed = compensated + failed_first;
+    if dead.len() as u64 != failed || reported != failed {
+        problems.push(format!("each failed order should be dead-lettered and reported once: {failed} failed, {} dead letters, {reported} reports", dead.len()));
     }
     if REFUNDS.load(Ordering::SeqCst) != compensated {
         problems.push(format!("{} refunds for {compensated} compensated orders", REFUNDS.load(Ordering::SeqCst)));
+    }
+    let reserved_then_failed: u64 = ledger.values().filter(|l| l.reserved == 1 && l.shipped == 0).count() as u64;
+    if RELEASES.load(Ordering::SeqCst) != reserved_then_failed {
+        problems.push(format!(
+            "{} inventory releases for {reserved_then_failed} orders that reserved stock and did not ship",
+            RELEASES.load(Ordering::SeqCst)
+        ));
     }
     if summary_counts.retried == 0 {
         problems.push("no retries happened: the flaky services were not exercised".to_owned());

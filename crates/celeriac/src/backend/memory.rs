@@ -113,11 +113,21 @@ impl ResultBackend for MemoryBackend {
             _ => return Ok(None),
         }
         chord.done = true;
-        chord.size = None;
-        chord.added = 0;
-        let mut parts = std::mem::take(&mut chord.parts);
+        let mut parts = chord.parts.clone();
         parts.sort_by_key(|p| p.index.unwrap_or(u64::MAX));
         Ok(Some(parts))
+    }
+
+    async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError> {
+        let mut chords = lock(&self.chords);
+        if let Some(chord) = chords.get_mut(group_id) {
+            chord.size = None;
+            if body_sent {
+                chord.added = 0;
+                chord.parts.clear();
+            }
+        }
+        Ok(())
     }
 
     async fn save_group(

@@ -104,8 +104,14 @@ pub trait ResultBackend: Send + Sync + 'static {
 
     /// Counts one finished header member, once per task id and index (a redelivered member
     /// is not counted twice). When the count reaches the size (plus members added), returns
-    /// every member, ordered by index, to exactly one caller; later copies are ignored.
+    /// every member, ordered by index, to exactly one caller (it holds the chord's claim);
+    /// later copies are ignored.
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError>;
+
+    /// Called by the claim holder once the body is dealt with: `body_sent` clears the counting
+    /// and marks the chord done; otherwise (the chord failed) only the size is dropped, and the
+    /// members stay readable until they expire, as with Celery's Redis backend.
+    async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError>;
 
     /// Saves a group result's structure (Celery's `GroupResult.save`: `{"result": tuple}`).
     async fn save_group(

@@ -16,8 +16,8 @@ use std::time::Duration;
 /// of one chord count together: nothing once the chord is done (`.c` = `done`); each
 /// `task_id:index` recorded once in `.d`, its `[1, id, state, result]` in the `.j` sorted set
 /// by index; the chord is complete when `.j` holds `.s` + `.t` members, and the caller that
-/// takes the `.c` claim gets every member and leaves the chord `done` (Celery takes the claim,
-/// publishes, then cleans up; here claim and cleanup are one step).
+/// takes the `.c` claim gets every member. It then cleans up ([`CHORD_DONE`]) after sending
+/// the body, or drops only `.s` when the chord failed.
 const CHORD_PART: &str = r#"
 local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 if redis.call('GET', ckey) == 'done' then return false end
@@ -34,10 +34,16 @@ local size = redis.call('GET', skey)
 if not size then return false end
 local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
 if redis.call('ZCARD', jkey) ~= total then return false end
-if not redis.call('SET', ckey, 'done', 'NX', 'EX', math.max(300, ttl)) then return false end
-local parts = redis.call('ZRANGE', jkey, 0, -1)
-redis.call('DEL', jkey, tkey, skey, dkey)
-return parts
+if not redis.call('SET', ckey, ARGV[5], 'NX', 'EX', 30) then return false end
+return redis.call('ZRANGE', jkey, 0, -1)
+"#;
+
+/// After the body was sent: the counting keys go, and `.c` says `done` so late copies of a
+/// member change nothing (Celery's cleanup script).
+const CHORD_DONE: &str = r#"
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[1]))
+return 1
 "#;
 
 /// The Redis result backend.
@@ -47,6 +53,7 @@ pub struct RedisBackend {
     url: String,
     prefix: String,
     chord_part: redis::Script,
+    chord_done: redis::Script,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
     chord_ttl: u64,
 }
@@ -78,6 +85,7 @@ impl RedisBackend {
             url: crate::broker::redact(url),
             prefix,
             chord_part: redis::Script::new(CHORD_PART),
+            chord_done: redis::Script::new(CHORD_DONE),
             chord_ttl: 86_400,
         })
     }
@@ -195,6 +203,7 @@ impl ResultBackend for RedisBackend {
             .arg(member)
             .arg(score)
             .arg(self.chord_ttl)
+            .arg(uuid::Uuid::new_v4().simple().to_string())
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("chord part"))?;
@@ -212,6 +221,31 @@ impl ResultBackend for RedisBackend {
                 })
                 .collect()
         }))
+    }
+
+    async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError> {
+        if body_sent {
+            self.chord_done
+                .key(self.chord_key(group_id, "c"))
+                .key(self.chord_key(group_id, "j"))
+                .key(self.chord_key(group_id, "t"))
+                .key(self.chord_key(group_id, "s"))
+                .key(self.chord_key(group_id, "d"))
+                .arg(self.chord_ttl.max(300))
+                .invoke_async::<i64>(&mut self.conn())
+                .await
+                .map(|_| ())
+                .map_err(err("chord finished"))
+        } else {
+            // Celery drops the size, so a copy of a header task arriving later does not fail
+            // the chord again; the members stay for whoever reads them.
+            redis::cmd("DEL")
+                .arg(self.chord_key(group_id, "s"))
+                .query_async::<i64>(&mut self.conn())
+                .await
+                .map(|_| ())
+                .map_err(err("chord finished"))
+        }
     }
 
     async fn save_group(&self, group_id: &str, result: &Value, expires: Option<Duration>) -> Result<(), BackendError> {

@@ -212,16 +212,6 @@ impl ResultBackend for SqliteBackend {
             .fetch_all(&mut *tx)
             .await
             .map_err(err("chord part"))?;
-            sqlx::query("DELETE FROM celeriac_chord_members WHERE group_id = ?")
-                .bind(group_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err("chord part"))?;
-            sqlx::query("UPDATE celeriac_chords SET added = 0 WHERE group_id = ?")
-                .bind(group_id)
-                .execute(&mut *tx)
-                .await
-                .map_err(err("chord part"))?;
             Some(
                 rows.iter()
                     .map(|r| ChordPart {
@@ -237,6 +227,30 @@ impl ResultBackend for SqliteBackend {
         };
         tx.commit().await.map_err(err("chord part"))?;
         Ok(parts)
+    }
+
+    async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError> {
+        let mut tx = self.pool.begin().await.map_err(err("chord finished"))?;
+        if body_sent {
+            sqlx::query("UPDATE celeriac_chords SET added = 0 WHERE group_id = ?")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("chord finished"))?;
+            sqlx::query("DELETE FROM celeriac_chord_members WHERE group_id = ?")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("chord finished"))?;
+        } else {
+            sqlx::query("UPDATE celeriac_chords SET size = -1 WHERE group_id = ?")
+                .bind(group_id)
+                .execute(&mut *tx)
+                .await
+                .map_err(err("chord finished"))?;
+        }
+        tx.commit().await.map_err(err("chord finished"))?;
+        Ok(())
     }
 
     async fn save_group(

@@ -121,7 +121,25 @@ pub(crate) fn request_value(call: &Call) -> Value {
 }
 
 async fn store_failure(ctx: &Ctx, task_id: &str, exc: &ExceptionInfo, traceback: Option<&str>, extra: Option<&Value>) {
+    store_failure_with(ctx, task_id, exc, traceback, extra, false).await;
+}
+
+/// Stores FAILURE for `task_id`. `with_trail`: the record's `children` are what the current
+/// task has sent so far, as Celery's `fail_from_current_stack` stores them (no request of its
+/// own, so the current task's).
+async fn store_failure_with(
+    ctx: &Ctx,
+    task_id: &str,
+    exc: &ExceptionInfo,
+    traceback: Option<&str>,
+    extra: Option<&Value>,
+    with_trail: bool,
+) {
     let mut meta = ResultMeta::exception(task_id, State::Failure, exc, traceback.map(str::to_owned));
+    meta.children = Some(match (&ctx.current, with_trail) {
+        (Some(cur), true) => cur.trail.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone(),
+        _ => Vec::new(),
+    });
     if let Some(v) = extra {
         meta.extra.insert("rollback".into(), v.clone());
     }
@@ -325,17 +343,25 @@ async fn part_return(ctx: &Ctx, part: &PartOf, state: State, result: Value) {
         Ok(None) => flat_results(parts),
         Err(e) => Err(Box::new((chord_error(format!("Join error: {e}")), None))),
     };
+    let finished = |sent: bool| async move {
+        if let Err(e) = app.backend().chord_finished(gid, sent).await {
+            tracing::warn!(group_id = %gid, error = %e, "could not clean up the chord's counting");
+        }
+    };
     match results {
-        Ok(values) => {
-            if let Err(e) = apply_async(ctx, callback.clone(), Apply::args(vec![values])).await {
+        Ok(values) => match apply_async(ctx, callback.clone(), Apply::args(vec![values])).await {
+            Ok(_) => finished(true).await,
+            Err(e) => {
                 tracing::error!(group_id = %gid, error = %e, "Chord callback raised");
                 chord_error_from_stack(ctx, callback, chord_error(format!("Callback error: {e}")), None).await;
+                finished(false).await;
             }
-        }
+        },
         Err(exc) => {
             tracing::error!(group_id = %gid, error = %exc.0, "Chord raised");
             let (exc, cause) = *exc;
             chord_error_from_stack(ctx, callback, exc, cause).await;
+            finished(false).await;
         }
     }
 }
@@ -412,7 +438,7 @@ pub(crate) async fn chord_error_from_stack(ctx: &Ctx, callback: Sig, exc: Except
         m.insert("delivery_info".into(), json!({}));
     }
     call_errbacks(ctx, &request, &errbacks, &exc, None).await;
-    store_failure(ctx, &callback_id, &exc, None, None).await;
+    store_failure_with(ctx, &callback_id, &exc, None, None, true).await;
     let chain = callback.list_option("chain");
     fail_chain(ctx, &chain, &exc, None, None).await;
 }
@@ -452,9 +478,9 @@ async fn group_chord_error(ctx: &Ctx, mut group: Sig, exc: ExceptionInfo) {
         }
         let request = json!({"id": id, "errbacks": errbacks, "delivery_info": {}, "task": "unknown"});
         call_errbacks(ctx, &request, &errbacks, &exc, None).await;
-        store_failure(ctx, &id, &exc, None, None).await;
+        store_failure_with(ctx, &id, &exc, None, None, true).await;
         ids.push(id);
     }
-    store_failure(ctx, &frozen.id(), &exc, None, None).await;
+    store_failure_with(ctx, &frozen.id(), &exc, None, None, true).await;
     crate::worker::revoke_everywhere(&ctx.app, &ids).await;
 }
