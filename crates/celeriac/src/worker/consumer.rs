@@ -417,6 +417,11 @@ async fn run_reserved(
     if ctx.state.is_revoked(&id) || revoked_by_stamp(ctx, &message).is_some() {
         return revoked(ctx, d, (&message, &body), "revoked", false).await;
     }
+    // It may have expired while it waited for a slot (Celery checks when the task starts).
+    if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
+        tracing::info!(task_id = %id, "task expired before it ran: revoked");
+        return revoked(ctx, d, (&message, &body), "expired", false).await;
+    }
     info.insert("time_start".into(), (chrono::Utc::now().timestamp_micros() as f64 / 1e6).into());
     info.insert("acknowledged".into(), (!effective.acks_late).into());
     ctx.state.unreserve(&id);
