@@ -12,6 +12,8 @@
 #                       test_group_chains.py,test_redis_backend.py,test_inspect.py)
 #   --timeout N         pytest-timeout per test, seconds (default 60)
 #   --min-passed f=N,.. fail when file f passed fewer than N items
+#   --both              the Python worker first, then the Celeriac worker, and one table with
+#                       both columns and the items whose outcome differs
 #   anything else       passed to pytest unchanged
 #
 # Each file gets its own pytest session against a freshly started worker on an empty Redis
@@ -44,6 +46,7 @@ usage() { sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "${BASH_SOURCE[0
 
 # ---------------------------------------------------------------- options
 WORKER=celeriac
+BOTH=0
 QUICK=0
 FILES=""
 TIMEOUT=60
@@ -52,6 +55,7 @@ EXTRA=()
 while (($#)); do
     case "$1" in
         --python-worker) WORKER=python ;;
+        --both) BOTH=1 ;;
         --quick) QUICK=1 ;;
         --files) FILES="${2:?--files needs a list}"; shift ;;
         --files=*) FILES="${1#*=}" ;;
@@ -66,6 +70,26 @@ while (($#)); do
     shift
 done
 [[ "$TIMEOUT" =~ ^[0-9]+$ ]] || { echo "run.sh: --timeout wants whole seconds, got '$TIMEOUT'" >&2; exit 2; }
+
+if ((BOTH)); then
+    # The same selection against a Python worker, then the Celeriac worker, in one run, and
+    # one table with both columns (written to target/conformance/last-both.md).
+    args=()
+    ((QUICK)) && args+=(--quick)
+    [[ -n "$FILES" ]] && args+=(--files "$FILES")
+    args+=(--timeout "$TIMEOUT")
+    both_rc=0
+    "${BASH_SOURCE[0]}" --python-worker "${args[@]}" "${EXTRA[@]}" || both_rc=$?
+    py_dir="$(ls -td "$REPO/target/conformance/runs/"*-python-worker* 2>/dev/null | head -1)"
+    [[ -n "$MIN_PASSED" ]] && args+=(--min-passed "$MIN_PASSED")
+    "${BASH_SOURCE[0]}" "${args[@]}" "${EXTRA[@]}" || both_rc=$?
+    rs_dir="$(ls -td "$REPO/target/conformance/runs/"*-celeriac* 2>/dev/null | head -1)"
+    if [[ -z "$py_dir" || -z "$rs_dir" ]]; then exit "$both_rc"; fi
+    echo
+    echo "== Celeriac worker vs Python Celery $CELERY_VERSION worker, same run"
+    "$("$HERE/venv.sh")" "$HERE/compare.py" "$rs_dir" "$py_dir" --md "$REPO/target/conformance/last-both.md"
+    exit "$both_rc"
+fi
 
 CUSTOM=0
 if [[ -n "$FILES" || ${#EXTRA[@]} -gt 0 ]]; then CUSTOM=1; fi
