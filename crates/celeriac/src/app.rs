@@ -111,6 +111,12 @@ impl App {
         crate::canvas::send::apply_async(self, signature).await
     }
 
+    /// Sends many plain task signatures at once: one broker round trip (Redis: one pipeline),
+    /// in order. Canvases (chains, groups, chords) go through [`App::send_signature`].
+    pub async fn send_batch(&self, signatures: Vec<Signature>) -> Result<Vec<AsyncResult>, Error> {
+        crate::canvas::send::send_batch(self, signatures).await
+    }
+
     /// The members of the group `group_id` sent from here (or by a worker of this backend).
     pub async fn group_result(&self, group_id: &str) -> Result<Option<crate::GroupResult>, Error> {
         let saved = self.backend().restore_group(group_id).await?;

@@ -88,6 +88,16 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// The record of `task_id`; `None` when unknown (PENDING).
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError>;
 
+    /// The records of many tasks, in order (`None` where unknown). The default asks one by
+    /// one; Redis asks in batches (`MGET`).
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<ResultMeta>>, BackendError> {
+        let mut out = Vec::with_capacity(task_ids.len());
+        for id in task_ids {
+            out.push(self.get(id).await?);
+        }
+        Ok(out)
+    }
+
     /// Deletes the record of `task_id`.
     async fn forget(&self, task_id: &str) -> Result<(), BackendError>;
 

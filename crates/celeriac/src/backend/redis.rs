@@ -46,6 +46,32 @@ redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[1]))
 return 1
 "#;
 
+/// Stores results, a batch in one round trip, never replacing a stored SUCCESS: for each key,
+/// `SET` (with its expiry in ms, or none) and `PUBLISH` on the key's name, as Celery does.
+/// KEYS: the result keys. ARGV: per key, the record and its expiry in ms (0: none). Returns 1
+/// (stored) or 0 (a SUCCESS was there) per key.
+const STORE_MANY: &str = r#"
+local out = {}
+for i = 1, #KEYS do
+  local key, value, ms = KEYS[i], ARGV[2 * i - 1], tonumber(ARGV[2 * i])
+  local cur = redis.call('GET', key)
+  if cur and (string.find(cur, '"status": "SUCCESS"', 1, true) or string.find(cur, '"status":"SUCCESS"', 1, true)) then
+    out[i] = 0
+  else
+    if ms > 0 and ms % 1000 == 0 then
+      redis.call('SET', key, value, 'EX', ms / 1000)
+    elseif ms > 0 then
+      redis.call('SET', key, value, 'PX', ms)
+    else
+      redis.call('SET', key, value)
+    end
+    redis.call('PUBLISH', key, value)
+    out[i] = 1
+  end
+end
+return out
+"#;
+
 /// The Redis result backend.
 pub struct RedisBackend {
     client: redis::Client,
@@ -54,6 +80,8 @@ pub struct RedisBackend {
     prefix: String,
     chord_part: redis::Script,
     chord_done: redis::Script,
+    /// Result writes go out in batches (`STORE_MANY`).
+    writer: crate::batch::Coalescer<(String, Vec<u8>, u64), i64>,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
     chord_ttl: u64,
 }
@@ -79,7 +107,21 @@ impl RedisBackend {
             Some(p) => p.to_owned(),
             None => String::new(),
         };
+        let writer = {
+            let (conn, script) = (conn.clone(), redis::Script::new(STORE_MANY));
+            crate::batch::Coalescer::new(256, move |items: Vec<(String, Vec<u8>, u64)>| {
+                let (mut conn, script) = (conn.clone(), script.clone());
+                Box::pin(async move {
+                    let mut inv = script.prepare_invoke();
+                    for (key, value, ms) in &items {
+                        inv.key(key).arg(value.as_slice()).arg(*ms);
+                    }
+                    inv.invoke_async::<Vec<i64>>(&mut conn).await.map_err(|e| e.to_string())
+                })
+            })
+        };
         Ok(RedisBackend {
+            writer,
             client,
             conn,
             url: crate::broker::redact(url),
@@ -128,35 +170,33 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError> {
-        let key = self.task_key(&meta.task_id);
-        let mut conn = self.conn();
-        let current: Option<Vec<u8>> =
-            redis::cmd("GET").arg(&key).query_async(&mut conn).await.map_err(err("store"))?;
-        if let Some(raw) = current
-            && decode(&meta.task_id, &raw).is_ok_and(|m| m.status == State::Success)
-        {
-            return Ok(StoreOutcome::KeptSuccess);
-        }
-        let bytes = meta.to_wire();
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        match expires {
-            // Celery writes whole seconds with SETEX; shorter expiries need milliseconds.
-            Some(e) if e.subsec_millis() == 0 && e.as_secs() > 0 => {
-                pipe.cmd("SETEX").arg(&key).arg(e.as_secs()).arg(&bytes).ignore()
+        let ms = expires.map(|e| e.as_millis().max(1) as u64).unwrap_or(0);
+        let stored = self.writer.call((self.task_key(&meta.task_id), meta.to_wire(), ms)).await.map_err(|e| {
+            BackendError::Storage {
+                operation: "store",
+                source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
             }
-            Some(e) => pipe.cmd("PSETEX").arg(&key).arg(e.as_millis().max(1) as u64).arg(&bytes).ignore(),
-            None => pipe.cmd("SET").arg(&key).arg(&bytes).ignore(),
-        };
-        pipe.cmd("PUBLISH").arg(&key).arg(&bytes).ignore();
-        pipe.query_async::<()>(&mut conn).await.map_err(err("store"))?;
-        Ok(StoreOutcome::Stored)
+        })?;
+        Ok(if stored == 1 { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess })
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {
         let raw: Option<Vec<u8>> =
             redis::cmd("GET").arg(self.task_key(task_id)).query_async(&mut self.conn()).await.map_err(err("get"))?;
         raw.map(|r| decode(task_id, &r)).transpose()
+    }
+
+    async fn get_many(&self, task_ids: &[String]) -> Result<Vec<Option<ResultMeta>>, BackendError> {
+        let mut out = Vec::with_capacity(task_ids.len());
+        for chunk in task_ids.chunks(1000) {
+            let keys: Vec<String> = chunk.iter().map(|id| self.task_key(id)).collect();
+            let raws: Vec<Option<Vec<u8>>> =
+                redis::cmd("MGET").arg(&keys).query_async(&mut self.conn()).await.map_err(err("get"))?;
+            for (id, raw) in chunk.iter().zip(raws) {
+                out.push(raw.map(|r| decode(id, &r)).transpose()?);
+            }
+        }
+        Ok(out)
     }
 
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {

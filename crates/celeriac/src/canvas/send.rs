@@ -61,6 +61,28 @@ pub(crate) async fn apply_from(request: &Request, signature: Signature) -> Resul
     Ok(AsyncResult::new(res.id(), request.app.clone()).with_tuple(res.as_tuple()))
 }
 
+/// Sends plain task signatures in one broker batch (eager mode: one by one, inline).
+pub(crate) async fn send_batch(app: &App, signatures: Vec<Signature>) -> Result<Vec<AsyncResult>, Error> {
+    if app.config().task_always_eager {
+        let mut out = Vec::with_capacity(signatures.len());
+        for s in signatures {
+            out.push(apply_async(app, s).await?);
+        }
+        return Ok(out);
+    }
+    let now = Utc::now();
+    let mut built = Vec::with_capacity(signatures.len());
+    for s in &signatures {
+        if s.subtask_type.is_some() {
+            return Err(super::apply::canvas_error(&s.task, "send_batch takes plain tasks; send canvases one by one"));
+        }
+        built.push(build_message(app, s, now)?);
+    }
+    let refs: Vec<(&str, &Message)> = built.iter().map(|(q, m)| (q.as_str(), m)).collect();
+    app.broker().publish_many(&refs).await?;
+    Ok(built.iter().map(|(_, m)| AsyncResult::new(m.headers.id.clone(), app.clone())).collect())
+}
+
 /// Sends one plain task signature (options already merged).
 pub(crate) async fn send_one(app: &App, signature: Signature) -> Result<(), Error> {
     let (queue, message) = build_message(app, &signature, Utc::now())?;

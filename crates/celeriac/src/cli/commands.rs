@@ -46,8 +46,13 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
         }
         Command::Dlq { action } => dlq(&app, action).await,
         Command::Inspect { what } => inspect(&app, what).await,
-        Command::Bench { scenario, tasks, concurrency } => {
-            let figures = super::bench::run(&app, &scenario, tasks, concurrency).await?;
+        Command::Bench { scenario, tasks, concurrency, rate, child } => {
+            if child {
+                super::bench::child(&app, concurrency, tasks).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let settings = super::bench::Settings { tasks, concurrency, rate };
+            let figures = super::bench::run(&app, &scenario, &settings).await?;
             super::bench::report(&app.broker().url(), &figures);
             Ok(ExitCode::SUCCESS)
         }

@@ -86,15 +86,22 @@ pub enum Command {
     },
     /// Measure throughput and latency against the configured broker (checks every count).
     Bench {
-        /// enqueue, noop, results, acks-late, latency, chain, chord, or all.
+        /// enqueue, noop, results, acks-late, latency, chain, chord, sqlite (comma-separated),
+        /// or all.
         #[arg(long, default_value = "all")]
         scenario: String,
-        /// Tasks per scenario.
+        /// Tasks per burn-down scenario.
         #[arg(long, default_value_t = 20_000)]
         tasks: u64,
         /// Worker concurrency.
         #[arg(long, short = 'c', default_value_t = 64)]
         concurrency: usize,
+        /// Offered rate for `latency`, tasks/s (default: half the `results` capacity).
+        #[arg(long, default_value_t = 0.0)]
+        rate: f64,
+        /// Run as the benchmark's worker process (started by `bench` itself).
+        #[arg(long, hide = true)]
+        child: bool,
     },
     /// Look at queues and this binary's tasks.
     Inspect {

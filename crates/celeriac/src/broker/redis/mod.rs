@@ -107,6 +107,8 @@ struct Inner {
     /// Cancelled when the broker is dropped.
     stop: CancellationToken,
     scripts: Scripts,
+    /// Acks go out in batches: one `ACK_MANY` for all those waiting.
+    acker: crate::batch::Coalescer<String, i64>,
 }
 
 impl RedisBroker {
@@ -139,6 +141,21 @@ impl RedisBroker {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
         let stop = CancellationToken::new();
+        let acker = {
+            let (conn, script) = (conn.clone(), redis::Script::new(scripts::ACK_MANY));
+            let keys = [keys.unacked.clone(), keys.unacked_index.clone(), keys.claims.clone()];
+            crate::batch::Coalescer::new(512, move |tags: Vec<String>| {
+                let (mut conn, script, keys) = (conn.clone(), script.clone(), keys.clone());
+                Box::pin(async move {
+                    let mut inv = script.prepare_invoke();
+                    inv.key(&keys[0]).key(&keys[1]).key(&keys[2]);
+                    for t in &tags {
+                        inv.arg(t);
+                    }
+                    inv.invoke_async::<Vec<i64>>(&mut conn).await.map_err(|e| e.to_string())
+                })
+            })
+        };
         Ok(RedisBroker {
             inner: Arc::new(Inner {
                 watchers: Watchers::new(client.clone(), conn.clone(), secs("polling_interval", 1.0), stop.clone()),
@@ -153,6 +170,7 @@ impl RedisBroker {
                 claiming: tokio::sync::RwLock::new(()),
                 maintenance: tokio::sync::OnceCell::new(),
                 stop,
+                acker,
                 scripts: Scripts::new(),
             }),
         })
@@ -527,16 +545,10 @@ impl Broker for RedisBroker {
 
     async fn ack(&self, delivery: &Delivery) -> Result<bool, BrokerError> {
         let me = &self.inner;
-        let removed: i64 = me
-            .scripts
-            .ack
-            .key(&me.keys.unacked)
-            .key(&me.keys.unacked_index)
-            .key(&me.keys.claims)
-            .arg(&delivery.tag)
-            .invoke_async(&mut me.conn())
-            .await
-            .map_err(err("ack"))?;
+        let removed = me.acker.call(delivery.tag.clone()).await.map_err(|e| BrokerError::Storage {
+            operation: "ack",
+            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+        })?;
         me.settled(&delivery.tag);
         Ok(removed == 1)
     }

@@ -22,13 +22,12 @@ for p = 1, (nkeys - 3) / 2 do
     while got < n do
       local m = redis.call('RPOP', source)
       if not m then break end
-      local tag, ex, rk
-      local ok, env = pcall(cjson.decode, m)
-      if ok and type(env) == 'table' and type(env.properties) == 'table' then
-        tag = env.properties.delivery_tag
-        local di = env.properties.delivery_info
-        if type(di) == 'table' then ex = di.exchange; rk = di.routing_key end
-      end
+      -- The tag and routing of the envelope, found in its text (decoding the whole JSON
+      -- envelope here would cost more than everything else this script does).
+      local tag = string.match(m, '"delivery_tag":%s*"([^"]*)"')
+      local at = string.find(m, '"delivery_info"', 1, true) or 1
+      local ex = string.match(m, '"exchange":%s*"([^"]*)"', at)
+      local rk = string.match(m, '"routing_key":%s*"([^"]*)"', at)
       if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
       if type(ex) ~= 'string' then ex = '' end
       if type(rk) ~= 'string' then rk = queue end
@@ -45,19 +44,27 @@ end
 return out
 "#;
 
-/// Acknowledges a claim of this node: removes the message from `unacked` only while the claim
-/// is still this node's (its unacked_index score is the one the node wrote); a message given
-/// back and claimed again elsewhere is left alone. KEYS: unacked, unacked_index, claims.
-/// ARGV: tag. Returns 1 when removed.
-pub(super) const ACK: &str = r#"
-local tag = ARGV[1]
-local mine = redis.call('HGET', KEYS[3], tag)
-redis.call('HDEL', KEYS[3], tag)
-if not mine then return 0 end
-local score = redis.call('ZSCORE', KEYS[2], tag)
-if not score or tonumber(score) ~= tonumber(mine) then return 0 end
-redis.call('ZREM', KEYS[2], tag)
-return redis.call('HDEL', KEYS[1], tag)
+/// Acknowledges claims of this node, a batch of tags in one round trip: each message is
+/// removed from `unacked` only while the claim is still this node's (its unacked_index score is
+/// the one the node wrote); a message given back and claimed again elsewhere is left alone.
+/// KEYS: unacked, unacked_index, claims. ARGV: the tags. Returns 1 (removed) or 0 per tag.
+pub(super) const ACK_MANY: &str = r#"
+local out = {}
+for i = 1, #ARGV do
+  local tag = ARGV[i]
+  local mine = redis.call('HGET', KEYS[3], tag)
+  redis.call('HDEL', KEYS[3], tag)
+  local done = 0
+  if mine then
+    local score = redis.call('ZSCORE', KEYS[2], tag)
+    if score and tonumber(score) == tonumber(mine) then
+      redis.call('ZREM', KEYS[2], tag)
+      done = redis.call('HDEL', KEYS[1], tag)
+    end
+  end
+  out[i] = done
+end
+return out
 "#;
 
 /// Moves the unacked_index score of this node's claims to now (the lease renewal), skipping
@@ -160,7 +167,6 @@ return 0
 /// The scripts, loaded once per broker.
 pub(super) struct Scripts {
     pub claim: redis::Script,
-    pub ack: redis::Script,
     pub renew: redis::Script,
     pub restore: redis::Script,
     pub promote: redis::Script,
@@ -173,7 +179,6 @@ impl Scripts {
     pub fn new() -> Self {
         Scripts {
             claim: redis::Script::new(CLAIM),
-            ack: redis::Script::new(ACK),
             renew: redis::Script::new(RENEW),
             restore: redis::Script::new(RESTORE),
             promote: redis::Script::new(PROMOTE),
