@@ -1,6 +1,6 @@
 """Python Celery 5.7.0 on the same scenarios as `celeriac bench`, for benches/compare.sh.
 
-    python benches/celery_bench.py --scenario noop --broker redis://127.0.0.1:6379/13 --tasks 5000
+    python benches/celery_bench.py --scenario noop --broker redis://127.0.0.1:6379/12 --tasks 5000
 
 Prints one JSON line per figure, in the shape `celeriac bench` prints. The worker is a real
 `celery worker` process started here with the settings given in WORKERS (its best pool for

@@ -5,7 +5,7 @@ import os
 from celery import Celery
 
 QUEUE = 'celery'
-app = Celery('celeriac_bench', broker=os.environ.get('BENCH_BROKER', 'redis://127.0.0.1:6379/13'))
+app = Celery('celeriac_bench', broker=os.environ.get('BENCH_BROKER', 'redis://127.0.0.1:6379/12'))
 app.conf.update(
     result_backend=app.conf.broker_url,
     task_default_queue=QUEUE,

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Celeriac and Python Celery 5.7.0 side by side, in one run, on the same Redis and machine.
 #
-#   benches/compare.sh [--tasks N] [--celery-tasks M] [--with-peers] [--db 13]
+#   benches/compare.sh [--tasks N] [--celery-tasks M] [--with-peers] [--db 12]
 #
 # For each scenario (enqueue, noop, results, acks-late, latency, chain, chord) it runs Python
 # Celery (benches/celery_bench.py, its best pool for the scenario, settings printed), then
@@ -10,12 +10,12 @@
 # embedded default) is Celeriac's alone. --with-peers also builds and runs the no-op benches
 # of other Rust task queues (benches/peers/, a cargo project the workspace does not build).
 # The JSON lines of every figure are kept in target/bench/last-compare.jsonl and the table in
-# target/bench/last-compare.md. Needs Redis at 127.0.0.1:6379 (DB 13 is flushed).
+# target/bench/last-compare.md. Needs Redis at 127.0.0.1:6379 (DB 12 is flushed).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
-DB=13
+DB=12
 TASKS=200000
 CELERY_TASKS=5000
 PEERS=0

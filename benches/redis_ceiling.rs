@@ -3,7 +3,7 @@
 //! numbers `celeriac bench` is compared with in `benches/compare.sh`.
 //!
 //! ```text
-//! cargo run --release -p celeriac --example redis_ceiling -- [--url redis://127.0.0.1:6379/13] [--n 200000]
+//! cargo run --release -p celeriac --example redis_ceiling -- [--url redis://127.0.0.1:6379/12] [--n 200000]
 //! ```
 //!
 //! Figures (one JSON line each): pipelined LPUSH fill; one consumer taking 100 at a time
@@ -100,7 +100,7 @@ fn line(figure: &str, n: u64, per_s: f64) {
 
 #[tokio::main]
 async fn main() -> redis::RedisResult<()> {
-    let mut url = "redis://127.0.0.1:6379/13".to_owned();
+    let mut url = "redis://127.0.0.1:6379/12".to_owned();
     let mut n: u64 = 200_000;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {

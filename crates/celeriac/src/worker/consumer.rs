@@ -275,23 +275,25 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         let _ = app.broker().requeue(d, Some(eta)).await;
         return;
     }
-    ctx.events
-        .task("task-received", &id, {
-            let mut f = serde_json::Map::new();
-            f.insert("name".into(), message.headers.task.clone().into());
-            f.insert(
-                "args".into(),
-                message.headers.argsrepr.clone().unwrap_or_else(|| crate::protocol::args_repr(&body.args)).into(),
-            );
-            f.insert("kwargs".into(), message.headers.kwargsrepr.clone().unwrap_or_default().into());
-            f.insert("root_id".into(), message.headers.root_id.clone().into());
-            f.insert("parent_id".into(), message.headers.parent_id.clone().into());
-            f.insert("retries".into(), message.headers.retries.into());
-            f.insert("eta".into(), message.headers.eta.clone().into());
-            f.insert("expires".into(), message.headers.expires.clone().into());
-            f
-        })
-        .await;
+    if ctx.events.task_events_on() {
+        ctx.events
+            .task("task-received", &id, {
+                let mut f = serde_json::Map::new();
+                f.insert("name".into(), message.headers.task.clone().into());
+                f.insert(
+                    "args".into(),
+                    message.headers.argsrepr.clone().unwrap_or_else(|| crate::protocol::args_repr(&body.args)).into(),
+                );
+                f.insert("kwargs".into(), message.headers.kwargsrepr.clone().unwrap_or_default().into());
+                f.insert("root_id".into(), message.headers.root_id.clone().into());
+                f.insert("parent_id".into(), message.headers.parent_id.clone().into());
+                f.insert("retries".into(), message.headers.retries.into());
+                f.insert("eta".into(), message.headers.eta.clone().into());
+                f.insert("expires".into(), message.headers.expires.clone().into());
+                f
+            })
+            .await;
+    }
     ctx.state.reserve(&id, info.clone());
     let outcome = run_reserved(ctx, d, message, body, task, info).await;
     ctx.state.unreserve(&id);
@@ -471,6 +473,9 @@ async fn run_reserved(
 }
 
 async fn task_event(ctx: &Ctx, id: &str, decision: &Decision, runtime: f64) {
+    if !ctx.events.task_events_on() {
+        return;
+    }
     let mut f = serde_json::Map::new();
     let kind = match decision {
         Decision::Success(v) => {

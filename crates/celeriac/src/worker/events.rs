@@ -51,9 +51,14 @@ impl Events {
         }
     }
 
+    /// Whether task events are on (callers skip building fields when they are not).
+    pub(crate) fn task_events_on(&self) -> bool {
+        self.state.task_events.load(Ordering::Relaxed)
+    }
+
     /// Sends a task event if task events are on.
     pub(crate) async fn task(&self, kind: &str, uuid: &str, fields: Map<String, Value>) {
-        if !self.state.task_events.load(Ordering::Relaxed) {
+        if !self.task_events_on() {
             return;
         }
         let mut fields = fields;

@@ -53,6 +53,22 @@ fn err(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BrokerError
     move |e| BrokerError::storage(operation, e)
 }
 
+/// Whether an envelope carries kombu's `"redelivered": true` mark (set in its headers and
+/// delivery_info when a message is restored), found in the text without decoding the JSON:
+/// the body is base64 or an escaped string, so the quoted key can only be an envelope key.
+fn marked_redelivered(envelope: &[u8]) -> bool {
+    const KEY: &[u8] = b"\"redelivered\"";
+    let mut rest = envelope;
+    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
+        rest = &rest[at + KEY.len()..];
+        let value = rest.iter().position(|b| !matches!(b, b' ' | b':' | b'\t' | b'\n' | b'\r')).map(|i| &rest[i..]);
+        if value.is_some_and(|v| v.starts_with(b"true")) {
+            return true;
+        }
+    }
+    false
+}
+
 fn now_secs() -> f64 {
     Utc::now().timestamp_micros() as f64 / 1e6
 }
@@ -245,10 +261,7 @@ impl Inner {
             .chunks(3)
             .filter(|c| c.len() == 3)
             .map(|c| {
-                let redelivered = serde_json::from_slice::<Value>(&c[2])
-                    .ok()
-                    .and_then(|v| v.pointer("/headers/redelivered").and_then(Value::as_bool))
-                    .unwrap_or(false);
+                let redelivered = marked_redelivered(&c[2]);
                 Delivery {
                     queue: String::from_utf8_lossy(&c[0]).into_owned(),
                     tag: String::from_utf8_lossy(&c[1]).into_owned(),

@@ -73,3 +73,15 @@ async fn a_claim_in_progress_is_not_taken_for_a_lost_reply() {
     assert_eq!(len(&inner, "race").await, 1, "a claim whose reply was lost is given back");
     assert!(!broker.ack(&lost[0]).await.unwrap(), "a given-back claim is no longer this node's to ack");
 }
+
+#[test]
+fn the_redelivered_mark_is_read_from_the_envelope_text() {
+    let restored = br#"{"body": "W10=", "headers": {"id": "a", "redelivered": true}, "properties": {}}"#;
+    let compact = br#"{"headers":{"redelivered":true}}"#;
+    let fresh = br#"{"body": "W10=", "headers": {"id": "a"}, "properties": {"delivery_info": {"redelivered": false}}}"#;
+    let in_a_string_body = br#"{"body": "[[\"redelivered\": true]]", "headers": {}}"#;
+    assert!(marked_redelivered(restored));
+    assert!(marked_redelivered(compact));
+    assert!(!marked_redelivered(fresh));
+    assert!(!marked_redelivered(in_a_string_body));
+}
