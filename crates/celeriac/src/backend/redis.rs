@@ -13,14 +13,18 @@ use serde_json::Value;
 use std::time::Duration;
 
 /// Counts a chord member the way Celery 5.7's Redis backend does, so Python and Rust members
-/// of one chord count together: nothing once the chord is done (`.c` = `done`); each
-/// `task_id:index` recorded once in `.d`, its `[1, id, state, result]` in the `.j` sorted set
-/// by index; the chord is complete when `.j` holds `.s` + `.t` members, and the caller that
-/// takes the `.c` claim gets every member. It then cleans up ([`CHORD_DONE`]) after sending
-/// the body, or drops only `.s` when the chord failed.
+/// of one chord count together: each `task_id:index` recorded once in `.d`, its
+/// `[1, id, state, result]` in the `.j` sorted set by index; the chord is complete when `.j`
+/// holds `.s` + `.t` members, and the caller that takes the `.c` claim gets every member. It
+/// then cleans up ([`CHORD_DONE`]) after sending the body, or drops only `.s` when the chord
+/// failed. Once the chord is done (`.c` = `done`) a member completes nothing, but unlike
+/// Celery's script it is still recorded (to expire with the other keys): a frozen chord applied
+/// again reuses its group id, and Celery's client clears `done` only just before it sends the
+/// last header task, so a fast worker can finish the first member of the new run before that;
+/// dropped, the new run would never complete.
 const CHORD_PART: &str = r#"
 local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-if redis.call('GET', ckey) == 'done' then return false end
+local done = redis.call('GET', ckey) == 'done'
 local member = ARGV[1] .. ':' .. ARGV[3]
 if redis.call('SISMEMBER', dkey, member) == 0 then
   redis.call('ZADD', jkey, ARGV[3], ARGV[2])
@@ -30,6 +34,7 @@ local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, ttl) end
 end
+if done then return false end
 local size = redis.call('GET', skey)
 if not size then return false end
 local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
@@ -38,11 +43,13 @@ if not redis.call('SET', ckey, ARGV[5], 'NX', 'EX', 30) then return false end
 return redis.call('ZRANGE', jkey, 0, -1)
 "#;
 
-/// After the body was sent: the counting keys go, and `.c` says `done` so late copies of a
-/// member change nothing (Celery's cleanup script).
+/// After the body was sent, while the claim is still ours (ARGV[1], the token): the counting
+/// keys go, and `.c` says `done` so late copies of a member change nothing (Celery's cleanup
+/// script). A claim no longer ours (the chord was applied again meanwhile: a new run) is left.
 const CHORD_DONE: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[1]))
+redis.call('SET', KEYS[1], 'done', 'EX', tonumber(ARGV[2]))
 return 1
 "#;
 
@@ -84,6 +91,14 @@ pub struct RedisBackend {
     writer: crate::batch::Coalescer<(String, Vec<u8>, u64), i64>,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
     chord_ttl: u64,
+    /// Group id → the claim token this backend took for it, until the chord is finished.
+    chord_claims: std::sync::Mutex<std::collections::HashMap<String, String>>,
+}
+
+impl RedisBackend {
+    fn claims(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, String>> {
+        self.chord_claims.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -129,6 +144,7 @@ impl RedisBackend {
             chord_part: redis::Script::new(CHORD_PART),
             chord_done: redis::Script::new(CHORD_DONE),
             chord_ttl: 86_400,
+            chord_claims: Default::default(),
         })
     }
 
@@ -232,6 +248,7 @@ impl ResultBackend for RedisBackend {
         let member =
             pyjson::to_vec(&serde_json::json!([1, part.task_id, part.state.as_str(), part.result])).unwrap_or_default();
         let score = part.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_owned());
+        let token = uuid::Uuid::new_v4().simple().to_string();
         let parts: Option<Vec<Vec<u8>>> = self
             .chord_part
             .key(self.chord_key(group_id, "j"))
@@ -243,10 +260,13 @@ impl ResultBackend for RedisBackend {
             .arg(member)
             .arg(score)
             .arg(self.chord_ttl)
-            .arg(uuid::Uuid::new_v4().simple().to_string())
+            .arg(&token)
             .invoke_async(&mut self.conn())
             .await
             .map_err(err("chord part"))?;
+        if parts.is_some() {
+            self.claims().insert(group_id.to_owned(), token);
+        }
         Ok(parts.map(|list| {
             list.iter()
                 .enumerate()
@@ -264,18 +284,27 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError> {
+        let token = self.claims().remove(group_id).unwrap_or_default();
         if body_sent {
-            self.chord_done
+            let cleaned = self
+                .chord_done
                 .key(self.chord_key(group_id, "c"))
                 .key(self.chord_key(group_id, "j"))
                 .key(self.chord_key(group_id, "t"))
                 .key(self.chord_key(group_id, "s"))
                 .key(self.chord_key(group_id, "d"))
+                .arg(&token)
                 .arg(self.chord_ttl.max(300))
                 .invoke_async::<i64>(&mut self.conn())
                 .await
-                .map(|_| ())
-                .map_err(err("chord finished"))
+                .map_err(err("chord finished"))?;
+            if cleaned == 0 {
+                tracing::warn!(
+                    group_id,
+                    "chord claim lost before cleanup (applied again?); its data is left to expire"
+                );
+            }
+            Ok(())
         } else {
             // Celery drops the size, so a copy of a header task arriving later does not fail
             // the chord again; the members stay for whoever reads them.
