@@ -219,11 +219,15 @@ fn workflow_shows_a_chain_sent_from_rust() {
     assert_eq!(lines.len(), 3, "{tree}");
     assert!(lines[0].starts_with("chain  "), "{tree}");
     assert!(
-        lines[1].starts_with(&format!("├─ demo.add  [SUCCESS]  {first}  done=")) && lines[1].ends_with("→ 5"),
+        lines[1].starts_with(&format!("├─ demo.add  [SUCCESS]  {first}  started="))
+            && lines[1].contains("  took=")
+            && lines[1].ends_with("→ 5"),
         "{tree}"
     );
     assert!(
-        lines[2].starts_with(&format!("└─ demo.double  [SUCCESS]  {}  done=", sent.id())) && lines[2].ends_with("→ 10"),
+        lines[2].starts_with(&format!("└─ demo.double  [SUCCESS]  {}  started=", sent.id()))
+            && lines[2].contains("  took=")
+            && lines[2].ends_with("→ 10"),
         "{tree}"
     );
 

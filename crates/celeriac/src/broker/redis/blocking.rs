@@ -125,6 +125,13 @@ impl Watchers {
         Interest { shared: self.shared.clone(), watches: mine }
     }
 
+    /// The holding lists of every watch started so far.
+    pub fn holding_lists(&self) -> Vec<String> {
+        let mut lists: Vec<String> = lock(&self.shared.watches).values().map(|w| w.inflight.clone()).collect();
+        lists.sort();
+        lists
+    }
+
     /// A future that completes when a watcher moves a message (create it, `enable` it, then
     /// look at the lists, then await it: no wake-up is missed).
     pub fn notified(&self) -> tokio::sync::futures::Notified<'_> {

@@ -41,6 +41,9 @@ pub(super) struct Keys {
     pub claims: String,
     /// *Celeriac*: this node's liveness key (expires unless refreshed).
     pub alive: String,
+    /// *Celeriac*: the nodes that claim messages, `node → JSON list of its holding lists`, so
+    /// recovery finds a dead node's keys without scanning the keyspace.
+    pub nodes: String,
     /// *Celeriac*: dead letters by id.
     pub dead: String,
     /// *Celeriac*: dead-letter ids by time.
@@ -62,6 +65,7 @@ impl Keys {
             delayed: k("celeriac.delayed"),
             claims: k(&format!("{CLAIMS}{node}")),
             alive: k(&format!("{ALIVE}{node}")),
+            nodes: k("celeriac.nodes"),
             dead: k("celeriac.dead_letters"),
             dead_index: k("celeriac.dead_letters.index"),
             dead_seq: k("celeriac.dead_letters.seq"),
@@ -95,6 +99,11 @@ impl Keys {
         self.key(&format!("_kombu.binding_permanent.{exchange}"))
     }
 
+    /// Another node's claims hash.
+    pub fn claims_of(&self, node: &str) -> String {
+        self.key(&format!("{CLAIMS}{node}"))
+    }
+
     /// Another node's liveness key.
     pub fn alive_of(&self, node: &str) -> String {
         self.key(&format!("{ALIVE}{node}"))
@@ -113,16 +122,11 @@ impl Keys {
         out
     }
 
-    /// `(node, source list)` of an inflight key found by a scan.
+    /// `(node, source list)` of a holding list key (from the node registry).
     pub fn parse_inflight(&self, key: &str) -> Option<(String, String)> {
         let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(INFLIGHT)?;
         let (node, list) = rest.split_once('.')?;
         Some((node.to_owned(), self.key(list)))
-    }
-
-    /// The node of a claims key found by a scan.
-    pub fn parse_claims<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(self.prefix.as_str())?.strip_prefix(CLAIMS)
     }
 }
 
@@ -266,7 +270,7 @@ mod tests {
         let inflight = keys.inflight(&list);
         assert_eq!(inflight, "app:celeriac.inflight.abc123.jobs.high\x06\x166");
         assert_eq!(keys.parse_inflight(&inflight), Some(("abc123".into(), list)));
-        assert_eq!(keys.parse_claims(&keys.claims), Some("abc123"));
+        assert_eq!(keys.claims_of("abc123"), keys.claims);
         assert_eq!(Keys::new("a*b", "n", "u", "i", "m").pattern("celeriac.claims."), "a\\*bceleriac.claims.*");
         let member = delayed_member("app:jobs", br#"{"a": "/"}"#, "abc123");
         assert_eq!(parse_delayed(&member), Some(("app:jobs".into(), r#"{"a": "/"}"#.into(), "abc123".into())));

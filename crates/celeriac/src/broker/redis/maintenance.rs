@@ -11,7 +11,6 @@
 //!
 //! Not for: claiming or acking (`mod.rs`), blocking pops (`blocking.rs`).
 
-use super::layout::{CLAIMS, INFLIGHT};
 use super::{Inner, Mode, err, now_secs};
 use crate::broker::BrokerError;
 use std::collections::HashMap;
@@ -81,12 +80,22 @@ async fn run(inner: Arc<Inner>) {
 }
 
 impl Inner {
-    async fn refresh_alive(&self) -> Result<(), BrokerError> {
-        redis::cmd("SET")
+    /// Refreshes the liveness key and this node's entry in the node registry (with the
+    /// holding lists its watchers use).
+    pub(super) async fn refresh_alive(&self) -> Result<(), BrokerError> {
+        let lists = serde_json::to_string(&self.watchers.holding_lists()).unwrap_or_else(|_| "[]".to_owned());
+        redis::pipe()
+            .cmd("SET")
             .arg(&self.keys.alive)
             .arg(1)
             .arg("PX")
             .arg(ALIVE_MS)
+            .ignore()
+            .cmd("HSET")
+            .arg(&self.keys.nodes)
+            .arg(&self.keys.node)
+            .arg(lists)
+            .ignore()
             .query_async::<()>(&mut self.conn())
             .await
             .map_err(err("heartbeat"))
@@ -123,42 +132,56 @@ impl Inner {
         Ok(())
     }
 
-    /// Gives back the claims and holding lists of Celeriac nodes whose liveness key expired.
+    /// Gives back the claims and holding lists of Celeriac nodes whose liveness key expired,
+    /// found in the node registry (no keyspace scan: a worker sharing its Redis database with
+    /// millions of result keys pays nothing for them). A dead node leaves the registry once
+    /// nothing of it is left.
     async fn recover_dead_nodes(&self) -> Result<(), BrokerError> {
         let mut dead: HashMap<String, bool> = HashMap::from([(self.keys.node.clone(), false)]);
-        for claims in self.scan(&self.keys.pattern(CLAIMS)).await? {
-            let Some(node) = self.keys.parse_claims(&claims).map(str::to_owned) else { continue };
+        let nodes: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&self.keys.nodes).query_async(&mut self.conn()).await.map_err(err("nodes"))?;
+        for (node, lists) in nodes {
             if !self.is_dead(&mut dead, &node).await? {
                 continue;
             }
+            let claims = self.keys.claims_of(&node);
             let tags: Vec<String> =
                 redis::cmd("HKEYS").arg(&claims).query_async(&mut self.conn()).await.map_err(err("claims"))?;
             let restored = self.restore_claimed(&tags, &claims).await?;
             if restored > 0 {
                 tracing::warn!(node = %node, restored, "gave back the messages of a worker that stopped heartbeating");
             }
-        }
-        for inflight in self.scan(&self.keys.pattern(INFLIGHT)).await? {
-            let Some((node, source)) = self.keys.parse_inflight(&inflight) else { continue };
-            if !self.is_dead(&mut dead, &node).await? {
-                continue;
+            for inflight in serde_json::from_str::<Vec<String>>(&lists).unwrap_or_default() {
+                let Some((owner, source)) = self.keys.parse_inflight(&inflight) else { continue };
+                if owner != node {
+                    continue;
+                }
+                let n: u64 = self
+                    .scripts
+                    .give_back
+                    .key(&inflight)
+                    .key(&source)
+                    .invoke_async(&mut self.conn())
+                    .await
+                    .map_err(err("give back"))?;
+                if n > 0 {
+                    tracing::warn!(node = %node, restored = n, "gave back the messages a stopped worker was moving");
+                }
             }
-            let n: u64 = self
-                .scripts
-                .give_back
-                .key(&inflight)
-                .key(&source)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(err("give back"))?;
-            if n > 0 {
-                tracing::warn!(node = %node, restored = n, "gave back the messages a stopped worker was moving");
+            let left: u64 =
+                redis::cmd("HLEN").arg(&claims).query_async(&mut self.conn()).await.map_err(err("claims"))?;
+            if left == 0 {
+                redis::cmd("HDEL")
+                    .arg(&self.keys.nodes)
+                    .arg(&node)
+                    .query_async::<()>(&mut self.conn())
+                    .await
+                    .map_err(err("nodes"))?;
             }
         }
         Ok(())
     }
 
-    /// Whether `node`'s liveness key is gone (`cache` remembers the answers of one scan).
     pub(super) async fn is_dead(&self, cache: &mut HashMap<String, bool>, node: &str) -> Result<bool, BrokerError> {
         if let Some(dead) = cache.get(node) {
             return Ok(*dead);

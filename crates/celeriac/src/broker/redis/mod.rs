@@ -489,7 +489,12 @@ impl Broker for RedisBroker {
                 (list, inflight)
             })
             .collect();
+        let known = me.watchers.holding_lists().len();
         let mut interest = me.watchers.interest(&lists);
+        if me.watchers.holding_lists().len() != known {
+            // New holding lists are in the node registry before a blocking pop can fill them.
+            me.refresh_alive().await?;
+        }
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let moved = me.watchers.notified();
