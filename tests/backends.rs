@@ -60,6 +60,22 @@ async fn sqlite_backend_contract() {
     contract(celeriac::backend::from_url(&url).await.unwrap(), false).await;
 }
 
+/// Processes that open a new SQLite file at the same moment (a worker and a `call --wait`
+/// started together) all get a working backend: none of them fails on the schema.
+#[tokio::test]
+async fn sqlite_backends_opening_a_new_file_together_all_work() {
+    for round in 0..10 {
+        let (_dir, url) = common::sqlite_url();
+        let opened = futures::future::join_all((0..4).map(|_| celeriac::backend::from_url(&url))).await;
+        for (i, backend) in opened.into_iter().enumerate() {
+            let backend = backend.unwrap_or_else(|e| panic!("round {round}, opener {i}: {e}"));
+            let id = format!("t-{round}-{i}");
+            backend.store(&ResultMeta::new(&id, State::Success, json!(i)), None).await.unwrap();
+            assert_eq!(backend.get(&id).await.unwrap().unwrap().result, json!(i));
+        }
+    }
+}
+
 #[tokio::test]
 async fn redis_backend_contract() {
     let Some(url) = common::redis_url(2).await else { return };

@@ -59,9 +59,13 @@ return 1
 /// (stored) or 0 (a SUCCESS was there) per key.
 const STORE_MANY: &str = r#"
 local out = {}
+if #KEYS == 0 then return out end
+local current = redis.call('MGET', unpack(KEYS))
+local written = {}
 for i = 1, #KEYS do
   local key, value, ms = KEYS[i], ARGV[2 * i - 1], tonumber(ARGV[2 * i])
-  local cur = redis.call('GET', key)
+  -- A key written earlier in this batch counts as what is stored now.
+  local cur = written[key] or current[i]
   if cur and (string.find(cur, '"status": "SUCCESS"', 1, true) or string.find(cur, '"status":"SUCCESS"', 1, true)) then
     out[i] = 0
   else
@@ -73,6 +77,7 @@ for i = 1, #KEYS do
       redis.call('SET', key, value)
     end
     redis.call('PUBLISH', key, value)
+    written[key] = value
     out[i] = 1
   end
 end

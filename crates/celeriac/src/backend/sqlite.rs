@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS celeriac_chords (
     group_id TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
     fired INTEGER NOT NULL DEFAULT 0,
-    expires_at INTEGER
+    expires_at INTEGER,
+    added INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS celeriac_chord_members (
     group_id TEXT NOT NULL,
@@ -63,17 +64,22 @@ impl SqliteBackend {
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let pool = open(url).await.map_err(err("open"))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
-        // Files made before `add_to_chord` lack the column; it is added once.
+        // Files made before `add_to_chord` lack the column; it is added once. New files have it
+        // from the start, so two processes opening a new file never race to add it.
         let has_added: bool = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
             .fetch_optional(&pool)
             .await
             .map_err(err("create schema"))?
             .is_some();
         if !has_added {
-            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
+            // Another process opening the same old file may add it first.
+            if let Err(e) = sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
                 .execute(&pool)
                 .await
-                .map_err(err("create schema"))?;
+                && !e.to_string().contains("duplicate column name")
+            {
+                return Err(err("create schema")(e));
+            }
         }
         Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
     }

@@ -4,8 +4,8 @@
 //!
 //! The producer (this process) and the worker (a child process: this binary again, `bench
 //! --child`) are apart, so the worker's peak RSS is its own. Burn-down scenarios enqueue first,
-//! then start the worker and time it from its first fetch until the last task settled; the
-//! worker reports its own time and memory. Prints one JSON line per figure and a table.
+//! then start the worker and time it from its start (the queue already full) until the last
+//! task settled; the worker reports its own time and memory. Prints one JSON line per figure and a table.
 
 use crate::app::{App, AppBuilder};
 use crate::canvas::{chain, chord};
@@ -115,14 +115,9 @@ pub async fn child(app: &App, concurrency: usize, exit_after: u64) -> Result<(),
     let (shutdown, handle) = w.spawn();
     println!("{}", json!({"ready": true, "rss_idle_mib": round(idle, 1)}));
     let started = Instant::now();
-    let mut first: Option<Instant> = None;
     if exit_after > 0 {
         loop {
-            let done = stats.snapshot().processed;
-            if first.is_none() && done > 0 {
-                first = Some(Instant::now());
-            }
-            if done >= exit_after {
+            if stats.snapshot().processed >= exit_after {
                 break;
             }
             tokio::time::sleep(Duration::from_micros(200)).await;
@@ -143,7 +138,6 @@ pub async fn child(app: &App, concurrency: usize, exit_after: u64) -> Result<(),
         json!({"processed": summary.processed, "succeeded": summary.succeeded, "seconds": seconds,
                "rss_idle_mib": round(idle, 1), "rss_peak_mib": round(rss_mib("VmHWM:"), 1)})
     );
-    let _ = first;
     Ok(())
 }
 

@@ -15,32 +15,53 @@ local nkeys = #KEYS
 local unacked, index, claims = KEYS[nkeys - 2], KEYS[nkeys - 1], KEYS[nkeys]
 local out = {}
 local got = 0
+-- The writes go out as a few variadic calls per batch (each redis.call costs more than
+-- the command it runs), in chunks that stay well inside Lua's unpack limit.
+local hu, zi, hc = {}, {}, {}
+local function flush()
+  if #hu > 0 then
+    redis.call('HSET', unacked, unpack(hu))
+    redis.call('ZADD', index, unpack(zi))
+    redis.call('HSET', claims, unpack(hc))
+    hu, zi, hc = {}, {}, {}
+  end
+end
 for p = 1, (nkeys - 3) / 2 do
   local queue = ARGV[2 + p]
   for j = 0, 1 do
     local source = KEYS[2 * p - 1 + j]
-    while got < n do
-      local m = redis.call('RPOP', source)
-      if not m then break end
-      -- The tag and routing of the envelope, found in its text (decoding the whole JSON
-      -- envelope here would cost more than everything else this script does).
-      local tag = string.match(m, '"delivery_tag":%s*"([^"]*)"')
-      local at = string.find(m, '"delivery_info"', 1, true) or 1
-      local ex = string.match(m, '"exchange":%s*"([^"]*)"', at)
-      local rk = string.match(m, '"routing_key":%s*"([^"]*)"', at)
-      if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
-      if type(ex) ~= 'string' then ex = '' end
-      if type(rk) ~= 'string' then rk = queue end
-      redis.call('HSET', unacked, tag, '[' .. m .. ', ' .. cjson.encode(ex) .. ', ' .. cjson.encode(rk) .. ']')
-      redis.call('ZADD', index, now, tag)
-      redis.call('HSET', claims, tag, now)
-      got = got + 1
-      out[#out + 1] = queue
-      out[#out + 1] = tag
-      out[#out + 1] = m
+    if got < n then
+      local popped = redis.call('RPOP', source, n - got)
+      if popped then
+        for _, m in ipairs(popped) do
+          -- The tag and routing of the envelope, found in its text (decoding the whole
+          -- JSON envelope here would cost more than everything else this script does).
+          -- They are copied as JSON string text, escapes and all, so quoting them again
+          -- gives the same JSON strings.
+          local tag = string.match(m, '"delivery_tag":%s*"([^"]*)"')
+          local at = string.find(m, '"delivery_info"', 1, true) or 1
+          local ex = string.match(m, '"exchange":%s*"([^"]*)"', at)
+          local rk = string.match(m, '"routing_key":%s*"([^"]*)"', at)
+          if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
+          if type(ex) ~= 'string' then ex = '' end
+          if type(rk) ~= 'string' then rk = queue end
+          hu[#hu + 1] = tag
+          hu[#hu + 1] = '[' .. m .. ', "' .. ex .. '", "' .. rk .. '"]'
+          zi[#zi + 1] = now
+          zi[#zi + 1] = tag
+          hc[#hc + 1] = tag
+          hc[#hc + 1] = now
+          got = got + 1
+          out[#out + 1] = queue
+          out[#out + 1] = tag
+          out[#out + 1] = m
+          if #hu >= 1000 then flush() end
+        end
+      end
     end
   end
 end
+flush()
 return out
 "#;
 
@@ -49,20 +70,22 @@ return out
 /// the one the node wrote); a message given back and claimed again elsewhere is left alone.
 /// KEYS: unacked, unacked_index, claims. ARGV: the tags. Returns 1 (removed) or 0 per tag.
 pub(super) const ACK_MANY: &str = r#"
+if #ARGV == 0 then return {} end
 local out = {}
+local mine = redis.call('HMGET', KEYS[3], unpack(ARGV))
+local scores = redis.call('ZMSCORE', KEYS[2], unpack(ARGV))
+local done = {}
 for i = 1, #ARGV do
-  local tag = ARGV[i]
-  local mine = redis.call('HGET', KEYS[3], tag)
-  redis.call('HDEL', KEYS[3], tag)
-  local done = 0
-  if mine then
-    local score = redis.call('ZSCORE', KEYS[2], tag)
-    if score and tonumber(score) == tonumber(mine) then
-      redis.call('ZREM', KEYS[2], tag)
-      done = redis.call('HDEL', KEYS[1], tag)
-    end
+  out[i] = 0
+  if mine[i] and scores[i] and tonumber(scores[i]) == tonumber(mine[i]) then
+    done[#done + 1] = ARGV[i]
+    out[i] = 1
   end
-  out[i] = done
+end
+redis.call('HDEL', KEYS[3], unpack(ARGV))
+if #done > 0 then
+  redis.call('ZREM', KEYS[2], unpack(done))
+  redis.call('HDEL', KEYS[1], unpack(done))
 end
 return out
 "#;
