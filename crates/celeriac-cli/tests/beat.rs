@@ -64,6 +64,12 @@ async fn three_beats_two_kills(url: &str, label: &str) {
     let store = store::open(url, &config).await.unwrap();
     let broker = celeriac::broker::from_url(url, &config).await.unwrap();
 
+    let logs = || {
+        (0..3)
+            .map(|i| std::fs::read_to_string(dir.path().join(format!("beat{i}.log"))).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
     let mut children: BTreeMap<u32, Child> = BTreeMap::new();
     for i in 0..3 {
         let child = spawn_beat(&cfg_path, &dir.path().join(format!("beat{i}.log")));
@@ -82,7 +88,9 @@ async fn three_beats_two_kills(url: &str, label: &str) {
         loop {
             match leader_holder(&store).await {
                 Some(h) if h != holder => break,
-                _ if killed.elapsed() > Duration::from_secs(15) => panic!("{label}: no takeover within 15 s"),
+                _ if killed.elapsed() > Duration::from_secs(15) => {
+                    panic!("{label}: no takeover within 15 s: {:?}\n{}", store.leader().await, logs())
+                }
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
@@ -114,12 +122,6 @@ async fn three_beats_two_kills(url: &str, label: &str) {
         }
     }
     ticks.sort();
-    let logs = || {
-        (0..3)
-            .map(|i| std::fs::read_to_string(dir.path().join(format!("beat{i}.log"))).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n----\n")
-    };
     let mut dupes = ticks.clone();
     dupes.dedup();
     assert_eq!(dupes.len(), ticks.len(), "{label}: a tick was sent twice: {ticks:?}\n{}", logs());
@@ -162,4 +164,82 @@ async fn three_beats_on_sqlite_send_each_tick_once_across_two_leader_kills() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("beat.db").display());
     three_beats_two_kills(&url, "sqlite").await;
+}
+
+fn run_list(config: &Path) -> String {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_celeriac"));
+    for var in ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_LOG", "CELERIAC_LOG_FORMAT"] {
+        c.env_remove(var);
+    }
+    let out = c.env("CELERIAC_CONFIG", config).args(["beat", "--list"]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `worker --beat` sends the entries while the worker runs and gives the lease up on SIGTERM;
+/// `beat --list` shows the leader, each entry's zone, policy, last and next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_with_beat_sends_and_beat_list_shows_last_and_next_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("beat.db").display());
+    let text = format!(
+        "broker_url = \"{url}\"\ntimezone = \"Europe/Berlin\"\n\
+         [beat_schedule.tick]\ntask = \"beat.tick\"\nevery = 1\nqueue = \"beats\"\n\
+         [beat_schedule.nightly]\ntask = \"reports.nightly\"\ncron = \"30 2 * * *\"\nqueue = \"beats\"\nmissed = \"skip\"\n\
+         [beat_schedule.off]\ntask = \"x.off\"\nevery = 1\nenabled = false\n"
+    );
+    let cfg = dir.path().join("celeriac.toml");
+    std::fs::write(&cfg, &text).unwrap();
+
+    let before = run_list(&cfg);
+    assert!(before.starts_with("leader: none"), "{before}");
+    let line = |out: &str, name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_owned();
+    let nightly = line(&before, "nightly");
+    assert!(nightly.contains("Europe/Berlin") && nightly.contains("skip"), "{before}");
+    assert!(nightly.contains(":30:00.000Z"), "the next 02:30 Berlin time, in UTC: {nightly}");
+    assert!(line(&before, "off").ends_with("disabled"), "{before}");
+    assert!(line(&before, "tick").contains(" - "), "never ran yet: {before}");
+
+    let mut c = Command::new(env!("CARGO_BIN_EXE_celeriac"));
+    for var in ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_LOG", "CELERIAC_LOG_FORMAT"] {
+        c.env_remove(var);
+    }
+    let log = dir.path().join("worker.log");
+    let worker = c
+        .env("CELERIAC_CONFIG", &cfg)
+        .args(["worker", "--beat", "-c", "1"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut during = String::new();
+    while Instant::now() < deadline {
+        during = run_list(&cfg);
+        if during.starts_with("leader: ")
+            && !during.starts_with("leader: none")
+            && !line(&during, "tick").contains(" - ")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(during.contains(&format!(":{}:", worker.id())), "the worker's beat leads: {during}");
+    let term = Command::new("kill").args(["-TERM", &worker.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let mut worker = worker;
+    assert!(worker.wait().unwrap().success(), "{}", std::fs::read_to_string(&log).unwrap_or_default());
+
+    let after = run_list(&cfg);
+    assert!(after.starts_with("leader: none"), "the lease is released on shutdown: {after}");
+    let mut config = Config::default();
+    config.merge_toml(&text, "test").unwrap();
+    let broker = celeriac::broker::from_url(&url, &config).await.unwrap();
+    let got = broker.fetch(&["beats".to_owned()], 100, Duration::from_millis(100)).await.unwrap();
+    assert!(!got.is_empty(), "the worker's beat sent ticks: {after}");
+    for d in &got {
+        let m = celeriac::protocol::Message::from_wire(&d.payload).unwrap();
+        assert_eq!(m.headers.task, "beat.tick");
+        assert_eq!(m.headers.extra.get("beat_entry").and_then(|v| v.as_str()), Some("tick"));
+    }
 }

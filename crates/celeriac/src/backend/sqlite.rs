@@ -64,16 +64,22 @@ impl SqliteBackend {
         let pool = open(url).await.map_err(err("open"))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
         // Files made before `add_to_chord` lack the column; it is added once.
-        let has_added: bool = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
-            .fetch_optional(&pool)
-            .await
-            .map_err(err("create schema"))?
-            .is_some();
-        if !has_added {
-            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
-                .execute(&pool)
+        let has_added = || async {
+            sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
+                .fetch_optional(&pool)
                 .await
-                .map_err(err("create schema"))?;
+                .map(|row| row.is_some())
+        };
+        if !has_added().await.map_err(err("create schema"))? {
+            let altered = sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
+                .execute(&pool)
+                .await;
+            // Several processes opening a new file at once race here: one of them adds it.
+            if let Err(e) = altered
+                && !has_added().await.unwrap_or(false)
+            {
+                return Err(err("create schema")(e));
+            }
         }
         Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
     }

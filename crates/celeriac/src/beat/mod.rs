@@ -11,7 +11,7 @@
 //! use celeriac::beat::{Entry, Missed, crontab};
 //! # fn main() -> Result<(), celeriac::beat::ScheduleError> {
 //! let nightly = Entry::new("nightly", "reports.nightly", crontab("30", "2", "mon-fri", "*", "*")?)
-//!     .timezone(chrono_tz::Europe::Berlin)
+//!     .timezone(celeriac::beat::tz::Europe::Berlin)
 //!     .queue("reports")
 //!     .missed(Missed::RunOnce);
 //! # let _ = nightly; Ok(()) }
@@ -22,6 +22,8 @@ pub mod leader;
 pub mod schedule;
 pub mod store;
 
+/// Time zones (`tz::Europe::Berlin`), re-exported from `chrono-tz`.
+pub use chrono_tz as tz;
 pub use entry::{Entry, EntryError, Missed, entries_from_config};
 pub use leader::{Beat, BeatError, BeatOptions, EntryStatus};
 pub use schedule::{Crontab, Schedule, ScheduleError, crontab, parse_tz};
