@@ -193,7 +193,8 @@ async fn worker_with_beat_sends_and_beat_list_shows_last_and_next_runs() {
 
     let before = run_list(&cfg);
     assert!(before.starts_with("leader: none"), "{before}");
-    let line = |out: &str, name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().to_owned();
+    let line =
+        |out: &str, name: &str| out.lines().find(|l| l.starts_with(name)).unwrap_or_default().trim_end().to_owned();
     let nightly = line(&before, "nightly");
     assert!(nightly.contains("Europe/Berlin") && nightly.contains("skip"), "{before}");
     assert!(nightly.contains(":30:00.000Z"), "the next 02:30 Berlin time, in UTC: {nightly}");

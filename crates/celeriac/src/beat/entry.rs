@@ -238,6 +238,9 @@ fn entry_from_toml(name: &str, value: &toml::Value) -> Result<Entry, EntryError>
         let secs = match every {
             toml::Value::Integer(i) => *i as f64,
             toml::Value::Float(x) => *x,
+            toml::Value::String(text) => parse_every(text).ok_or_else(|| {
+                bad(format!("every: got {text:?}, expected seconds or a duration such as \"30s\", \"5m\", \"1h\""))
+            })?,
             v => return Err(bad(format!("every: got {v}, expected a number of seconds"))),
         };
         Schedule::every_secs(secs).map_err(sched)?
@@ -294,6 +297,22 @@ fn entry_from_toml(name: &str, value: &toml::Value) -> Result<Entry, EntryError>
     Ok(entry)
 }
 
+/// `"30s"`, `"30 s"`, `"5m"`, `"1.5h"`, `"2d"` or a bare number of seconds.
+fn parse_every(text: &str) -> Option<f64> {
+    let t = text.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: f64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => 1.0,
+        "m" | "min" | "mins" | "minute" | "minutes" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86_400.0,
+        _ => return None,
+    };
+    Some(n * factor)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,6 +342,10 @@ mod tests {
             queue = "reports"
             enabled = false
 
+            [slow]
+            task = "s"
+            every = "5m"
+
             [quarter]
             task = "q"
             minute = "*/15"
@@ -340,6 +363,7 @@ mod tests {
         assert_eq!(hb.schedule, Schedule::Every(std::time::Duration::from_millis(1500)));
         assert_eq!(hb.missed, Missed::RunAll { max: 7 });
         assert_eq!(hb.options.get("priority"), Some(&Value::from(9)));
+        assert_eq!(by("slow").schedule, Schedule::Every(std::time::Duration::from_secs(300)));
         let r = by("report");
         assert_eq!(r.schedule, Schedule::Crontab(Crontab::new("30", "2", "mon-fri", "*", "*").unwrap()));
         assert_eq!(r.timezone, Some(chrono_tz::Europe::Berlin));
@@ -361,6 +385,7 @@ mod tests {
             ("[a]\ntask = \"t\"\nminute = \"61\"", "61 is outside 0-59"),
             ("[a]\ntask = \"t\"\nday_of_week = \"funday\"", "not a number or a name"),
             ("[a]\ntask = \"t\"\nevery = 0", "bad interval"),
+            ("[a]\ntask = \"t\"\nevery = \"5 fortnights\"", "such as \"30s\""),
             ("[a]\ntask = \"t\"\nevery = 3\ntimezone = \"Mars/Olympus\"", "unknown time zone"),
             ("[a]\ntask = \"t\"\nevery = 3\nmissed = \"twice\"", "expected \"skip\", \"once\" or \"all\""),
             ("[a]\ntask = \"t\"\nevery = 3\nqueu = \"x\"", "did you mean `queue`?"),

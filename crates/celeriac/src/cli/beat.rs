@@ -64,13 +64,13 @@ async fn list(beat: &Beat) -> Result<(), Failure> {
         t.map_or_else(|| "-".to_owned(), |t| t.format("%Y-%m-%d %H:%M:%S%.3fZ").to_string())
     };
     println!(
-        "{:<20} {:<28} {:<32} {:<18} {:<10} {:<26} {:<26}",
-        "ENTRY", "TASK", "SCHEDULE", "ZONE", "MISSED", "LAST RUN", "NEXT RUN"
+        "{:<20} {:<28} {:<32} {:<18} {:<14} {:<26} NEXT RUN",
+        "ENTRY", "TASK", "SCHEDULE", "ZONE", "MISSED", "LAST RUN"
     );
     for s in entries {
         let next = if s.entry.enabled { when(s.next) } else { "disabled".to_owned() };
         println!(
-            "{:<20} {:<28} {:<32} {:<18} {:<10} {:<26} {:<26}",
+            "{:<20} {:<28} {:<32} {:<18} {:<14} {:<26} {}",
             s.entry.name,
             s.entry.task,
             s.entry.schedule.to_string(),
