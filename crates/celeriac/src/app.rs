@@ -26,6 +26,8 @@ struct Inner {
     reporters: Vec<Arc<dyn ErrorReporter>>,
     origin: String,
     oid: String,
+    /// Beat entries: `beat_schedule` from the config, then those added in code.
+    beat_entries: Vec<crate::beat::Entry>,
 }
 
 impl fmt::Debug for App {
@@ -130,6 +132,17 @@ impl App {
         crate::canvas::workflow::workflow(self, id).await
     }
 
+    /// Beat entries: the `beat_schedule` setting's, then [`AppBuilder::beat_entry`]'s (one added
+    /// in code replaces a configured one of the same name).
+    pub fn beat_entries(&self) -> &[crate::beat::Entry] {
+        &self.inner.beat_entries
+    }
+
+    /// The `timezone` setting (UTC when unset): crontab entries without their own zone use it.
+    pub fn timezone(&self) -> chrono_tz::Tz {
+        self.inner.config.timezone.as_deref().and_then(|tz| crate::beat::parse_tz(tz).ok()).unwrap_or(chrono_tz::UTC)
+    }
+
     /// Suggests a registered name close to `name`, for "not registered" errors.
     pub fn suggest_task(&self, name: &str) -> Option<String> {
         closest(name, self.inner.tasks.keys().map(String::as_str))
@@ -146,6 +159,7 @@ pub struct AppBuilder {
     reporters: Vec<Arc<dyn ErrorReporter>>,
     broker: Option<Arc<dyn Broker>>,
     backend: Option<Arc<dyn ResultBackend>>,
+    beat_entries: Vec<crate::beat::Entry>,
 }
 
 impl AppBuilder {
@@ -202,6 +216,13 @@ impl AppBuilder {
         self
     }
 
+    /// Adds a beat entry (see [`crate::beat`]); it replaces a `beat_schedule` entry of the same
+    /// name.
+    pub fn beat_entry(mut self, entry: crate::beat::Entry) -> Self {
+        self.beat_entries.push(entry);
+        self
+    }
+
     /// Checks settings and task options, opens the broker and backend.
     pub async fn build(self) -> Result<App, Error> {
         let mut config = if self.load_env { Config::load()? } else { self.config };
@@ -235,6 +256,16 @@ impl AppBuilder {
             }
             None => backend::open(config.result_backend_url(), &config).await?,
         };
+        let mut beat_entries =
+            crate::beat::entries_from_config(&config.beat_schedule).map_err(|e| ConfigError::BadValue {
+                key: format!("beat_schedule.{}", e.entry),
+                source_name: "the configuration".to_owned(),
+                problem: e.problem,
+            })?;
+        for entry in self.beat_entries {
+            beat_entries.retain(|e| e.name != entry.name);
+            beat_entries.push(entry);
+        }
         let host = hostname();
         Ok(App {
             inner: Arc::new(Inner {
@@ -245,6 +276,7 @@ impl AppBuilder {
                 reporters: self.reporters,
                 origin: format!("gen{}@{host}", std::process::id()),
                 oid: uuid::Uuid::new_v4().to_string(),
+                beat_entries,
             }),
         })
     }

@@ -19,6 +19,11 @@ pub const DEFAULT_URL: &str = "sqlite://celeriac.db";
 pub struct Config {
     /// Where tasks are queued: `sqlite://path`, `memory://`.
     pub broker_url: String,
+    /// Beat entries, name to table (`task`, `cron` or `every` or `at`, `args`, `kwargs`,
+    /// `queue`, `options`, `timezone`, `enabled`, `missed`); see [`crate::beat`].
+    pub beat_schedule: BTreeMap<String, toml::Value>,
+    /// IANA time zone for crontab beat entries without their own (UTC when unset).
+    pub timezone: Option<String>,
     /// Where results are stored: `sqlite://path`, `memory://`. Defaults to the broker's URL.
     pub result_backend: Option<String>,
     /// Transport options: `visibility_timeout` (lease seconds), `polling_interval` (seconds).
@@ -85,6 +90,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             broker_url: DEFAULT_URL.to_owned(),
+            beat_schedule: BTreeMap::new(),
+            timezone: None,
             result_backend: None,
             broker_transport_options: BTreeMap::new(),
             result_backend_transport_options: BTreeMap::new(),
@@ -312,6 +319,7 @@ enum Kind {
 /// from this table; a test checks it against the fields of [`Config`].
 const SETTINGS: &[(&str, Kind)] = &[
     ("accept_content", Kind::List),
+    ("beat_schedule", Kind::Options),
     ("broker_transport_options", Kind::Options),
     ("broker_url", Kind::Url),
     ("result_backend", Kind::Url),
@@ -334,6 +342,7 @@ const SETTINGS: &[(&str, Kind)] = &[
     ("task_soft_time_limit", Kind::Seconds),
     ("task_time_limit", Kind::Seconds),
     ("task_track_started", Kind::Bool),
+    ("timezone", Kind::Text),
     ("worker_concurrency", Kind::PositiveCount),
     ("worker_dead_letter_failures", Kind::Bool),
     ("worker_disable_prefetch", Kind::Bool),
@@ -433,6 +442,15 @@ fn invalid(key: &str, kind: Kind, value: &toml::Value, written: &str) -> Option<
                 .is_some_and(|a| a.iter().any(|c| !matches!(c.as_str(), Some("json" | "application/json")))) =>
         {
             problem(format!("got {written}, expected [\"json\"] (the only content type Celeriac supports)"))
+        }
+        ("beat_schedule", _) => {
+            let table: BTreeMap<String, toml::Value> = value.as_table()?.clone().into_iter().collect();
+            let e = crate::beat::entries_from_config(&table).err()?;
+            Some((format!("beat_schedule.{}", e.entry), e.problem))
+        }
+        ("timezone", _) => {
+            let e = crate::beat::parse_tz(value.as_str()?).err()?;
+            problem(e.to_string())
         }
         ("broker_transport_options", _) => {
             let options = value.as_table()?;
@@ -637,6 +655,8 @@ mod tests {
         // until it is added, and then this test fails until `SETTINGS` has it too.
         let every = Config {
             broker_url: DEFAULT_URL.to_owned(),
+            beat_schedule: BTreeMap::new(),
+            timezone: Some("UTC".to_owned()),
             result_backend: Some(DEFAULT_URL.to_owned()),
             broker_transport_options: BTreeMap::new(),
             result_backend_transport_options: BTreeMap::new(),

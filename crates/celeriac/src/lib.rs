@@ -34,6 +34,7 @@ extern crate self as celeriac;
 pub mod app;
 pub mod backend;
 mod batch;
+pub mod beat;
 pub mod broker;
 pub mod canvas;
 #[cfg(feature = "cli")]

@@ -46,6 +46,7 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
         }
         Command::Dlq { action } => dlq(&app, action).await,
         Command::Inspect { what } => inspect(&app, what).await,
+        Command::Beat(args) => super::beat::run(&app, args).await,
         Command::Bench { scenario, tasks, concurrency, rate, child } => {
             if child {
                 super::bench::child(&app, concurrency, tasks).await?;
@@ -81,7 +82,12 @@ async fn worker(app: &App, args: WorkerArgs) -> Result<ExitCode, Failure> {
             "this worker has no tasks registered: every message will be dead-lettered as unknown. Build a worker binary with celeriac::cli::main(App::builder().task(...))"
         );
     }
+    let beat = if args.beat { Some(super::beat::spawn_in_worker(app).await?) } else { None };
     let summary = worker.run_until_signal().await;
+    if let Some((stop, beat)) = beat {
+        stop.cancel();
+        beat.await.ok();
+    }
     println!(
         "processed {} (succeeded {}, retried {}, failed {}, dead-lettered {}, revoked {})",
         summary.processed, summary.succeeded, summary.retried, summary.failed, summary.dead_lettered, summary.revoked

@@ -12,6 +12,7 @@
 //! }
 //! ```
 
+mod beat;
 pub mod bench;
 mod commands;
 
@@ -103,6 +104,8 @@ pub enum Command {
         #[arg(long, hide = true)]
         child: bool,
     },
+    /// Send scheduled tasks (`beat_schedule`); any number may run, one leads and sends.
+    Beat(BeatArgs),
     /// Look at queues and this binary's tasks.
     Inspect {
         /// What to show.
@@ -132,6 +135,20 @@ pub struct WorkerArgs {
     /// Send task events (`worker_send_task_events`), as Celery's `-E`.
     #[arg(long = "task-events", short = 'E')]
     pub task_events: bool,
+    /// Also run beat in this worker (for small setups; other beats elect one leader with it).
+    #[arg(long, short = 'B')]
+    pub beat: bool,
+}
+
+/// `beat` options.
+#[derive(Debug, ClapArgs)]
+pub struct BeatArgs {
+    /// Show each entry with its last and next run and the current leader, then exit.
+    #[arg(long)]
+    pub list: bool,
+    /// Lease seconds: a dead leader is replaced within about this long.
+    #[arg(long, default_value_t = 10.0)]
+    pub lease: f64,
 }
 
 /// `call` options.

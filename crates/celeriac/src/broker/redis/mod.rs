@@ -26,7 +26,7 @@ mod blocking;
 mod layout;
 mod maintenance;
 mod scripts;
-mod url;
+pub(crate) mod url;
 
 pub use layout::{PRIORITY_STEPS, SEP, queue_key};
 

@@ -84,7 +84,7 @@ fn read_pem(url: &str, what: &'static str, path: &str) -> Result<Vec<u8>, Broker
 }
 
 /// A client for `url`.
-pub(super) fn client(url: &str) -> Result<redis::Client, BrokerError> {
+pub(crate) fn client(url: &str) -> Result<redis::Client, BrokerError> {
     let open = |e| BrokerError::storage("open", e);
     if !url.starts_with("rediss://") {
         return redis::Client::open(url).map_err(open);
