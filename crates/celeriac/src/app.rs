@@ -26,6 +26,8 @@ struct Inner {
     reporters: Vec<Arc<dyn ErrorReporter>>,
     origin: String,
     oid: String,
+    /// Rate limits shared by all workers (`worker/shared_limit.rs`).
+    shared_limits: crate::worker::shared_limit::SharedLimits,
 }
 
 impl fmt::Debug for App {
@@ -134,6 +136,24 @@ impl App {
     pub fn suggest_task(&self, name: &str) -> Option<String> {
         closest(name, self.inner.tasks.keys().map(String::as_str))
     }
+
+    /// The rate limits shared by all workers.
+    pub(crate) fn shared_limits(&self) -> &crate::worker::shared_limit::SharedLimits {
+        &self.inner.shared_limits
+    }
+
+    /// Revokes tasks for every worker, now and after restarts: the ids are persisted in the
+    /// broker until `expires` (default `worker_revoke_expires`, 3 h) and Celery's `revoke`
+    /// is broadcast; with `terminate`, running tasks are stopped. Tasks that have not started
+    /// are stored as REVOKED.
+    pub async fn revoke(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires: Option<std::time::Duration>,
+    ) -> Result<(), Error> {
+        crate::worker::revoke::revoke(self, ids, terminate, expires).await
+    }
 }
 
 /// Builds an [`App`].
@@ -146,6 +166,7 @@ pub struct AppBuilder {
     reporters: Vec<Arc<dyn ErrorReporter>>,
     broker: Option<Arc<dyn Broker>>,
     backend: Option<Arc<dyn ResultBackend>>,
+    shared_limits: crate::worker::shared_limit::Declared,
 }
 
 impl AppBuilder {
@@ -181,6 +202,20 @@ impl AppBuilder {
     /// Registers a task (usually the type `#[task]` generated).
     pub fn task(mut self, task: impl Task) -> Self {
         self.tasks.push(Arc::new(task));
+        self
+    }
+
+    /// *Beyond Celery*: at most `rate` (`"100/s"`, `"10/m"`) starts of `task` across all
+    /// workers of the broker together (Celery's `rate_limit` is per worker).
+    pub fn global_rate_limit(mut self, task: &str, rate: &str) -> Self {
+        self.shared_limits.global(task, rate);
+        self
+    }
+
+    /// *Beyond Celery*: at most `rate` starts of `task` per value of `key` (a parameter such
+    /// as `customer_id`, or a function of the arguments) across all workers together.
+    pub fn key_rate_limit(mut self, task: &str, rate: &str, key: crate::worker::RateKey) -> Self {
+        self.shared_limits.per_key(task, rate, key);
         self
     }
 
@@ -236,6 +271,7 @@ impl AppBuilder {
             None => backend::open(config.result_backend_url(), &config).await?,
         };
         let host = hostname();
+        let shared_limits = crate::worker::shared_limit::SharedLimits::build(&config, &self.shared_limits)?;
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -245,6 +281,7 @@ impl AppBuilder {
                 reporters: self.reporters,
                 origin: format!("gen{}@{host}", std::process::id()),
                 oid: uuid::Uuid::new_v4().to_string(),
+                shared_limits,
             }),
         })
     }

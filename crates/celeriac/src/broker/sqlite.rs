@@ -7,7 +7,7 @@
 //! so its messages become visible to other workers within one lease (`visibility_timeout`,
 //! default 10 s here). Dead letters live in a second table with the reason and the bytes.
 
-use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids, visible_at};
+use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids, visible_at};
 use crate::config::Config;
 use crate::protocol::Message;
 use crate::sqlite_common::{millis, now_millis, open, path_of};
@@ -39,7 +39,22 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     payload BLOB NOT NULL,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS celeriac_revoked (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL UNIQUE,
+    terminate INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_rate_limits (
+    key TEXT PRIMARY KEY,
+    tat REAL NOT NULL,
+    granted INTEGER NOT NULL DEFAULT 0
+);
 ";
+
+/// Columns added to `celeriac_dead_letters` after its first release (added to older files
+/// when they are opened).
+const DEAD_LETTER_COLUMNS: &[&str] = &["error_type TEXT", "traceback TEXT", "retries INTEGER", "replayed_as TEXT"];
 
 /// The SQLite broker.
 #[derive(Debug)]
@@ -66,6 +81,14 @@ impl SqliteBroker {
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
+        for column in DEAD_LETTER_COLUMNS {
+            let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await
+                && !e.to_string().contains("duplicate column")
+            {
+                return Err(BrokerError::storage("create schema", e));
+            }
+        }
         let secs = |name: &str, default: f64| {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
@@ -123,6 +146,10 @@ impl SqliteBroker {
             task_id: r.get("task_id"),
             task_name: r.get("task_name"),
             reason: r.get("reason"),
+            error_type: r.get("error_type"),
+            traceback: r.get("traceback"),
+            retries: r.get::<Option<i64>, _>("retries").map(|n| n.max(0) as u32),
+            replayed_as: r.get("replayed_as"),
             payload: r.get("payload"),
             created_at: Utc.timestamp_millis_opt(r.get("created_at")).single().unwrap_or_default(),
         }
@@ -240,19 +267,29 @@ impl Broker for SqliteBroker {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        self.dead_letter_with(delivery, &DeadLetterInfo { reason: reason.to_owned(), ..Default::default() }).await
+    }
+
+    async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
         let (task_id, task_name) = peek_ids(&delivery.payload);
         let mut tx = self.pool.begin().await.map_err(err("dead-letter"))?;
-        sqlx::query("INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)")
-            .bind(&delivery.queue)
-            .bind(task_id)
-            .bind(task_name)
-            .bind(reason)
-            .bind(&delivery.payload)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(err("dead-letter"))?;
+        sqlx::query(
+            "INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, error_type, traceback, retries, payload, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&delivery.queue)
+        .bind(task_id)
+        .bind(task_name)
+        .bind(&info.reason)
+        .bind(&info.error_type)
+        .bind(&info.traceback)
+        .bind(info.retries.map(i64::from))
+        .bind(&delivery.payload)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("dead-letter"))?;
         sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
             .bind(id)
             .bind(token)
@@ -260,6 +297,99 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err("dead-letter"))?;
         tx.commit().await.map_err(err("dead-letter"))
+    }
+
+    async fn mark_dead_letter_replayed(&self, id: &str, task_id: &str) -> Result<bool, BrokerError> {
+        let Ok(id) = id.parse::<i64>() else { return Ok(false) };
+        let done = sqlx::query("UPDATE celeriac_dead_letters SET replayed_as = ? WHERE id = ?")
+            .bind(task_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(err("mark dead letter replayed"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn persist_revoked(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        let mut tx = self.pool.begin().await.map_err(err("revoke"))?;
+        for id in ids {
+            // REPLACE gives the row a new `seq`, so `revoked_version` moves.
+            sqlx::query("INSERT OR REPLACE INTO celeriac_revoked (task_id, terminate, expires_at) VALUES (?, ?, ?)")
+                .bind(id)
+                .bind(terminate)
+                .bind(millis(expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(err("revoke"))?;
+        }
+        tx.commit().await.map_err(err("revoke"))?;
+        Ok(true)
+    }
+
+    async fn revoked_version(&self) -> Result<u64, BrokerError> {
+        // Every revoke writes a row with a new `seq` (AUTOINCREMENT never hands one out twice);
+        // pruning can lower the maximum, which reads as a change too.
+        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM celeriac_revoked")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("read revoked"))?;
+        Ok(max.unwrap_or(0) as u64)
+    }
+
+    async fn persisted_revoked(&self) -> Result<Vec<Revoked>, BrokerError> {
+        let now = now_millis();
+        sqlx::query("DELETE FROM celeriac_revoked WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(err("prune revoked"))?;
+        let rows = sqlx::query("SELECT task_id, terminate, expires_at FROM celeriac_revoked ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read revoked"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Revoked {
+                id: r.get("task_id"),
+                terminate: r.get::<i64, _>("terminate") != 0,
+                expires_at: Utc.timestamp_millis_opt(r.get("expires_at")).single().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn rate_limit_acquire(&self, key: &str, interval: Duration, burst: u32) -> Result<Duration, BrokerError> {
+        let now = now_millis() as f64;
+        let interval = interval.as_secs_f64() * 1000.0;
+        let tolerance = f64::from(burst.max(1) - 1) * interval;
+        sqlx::query("INSERT INTO celeriac_rate_limits (key, tat) VALUES (?, 0) ON CONFLICT (key) DO NOTHING")
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(err("rate limit"))?;
+        // One statement, so the check and the update are atomic; every expression on the
+        // right reads the row as it was (the GCRA of `ops::gcra`).
+        let (granted, tat): (bool, f64) = sqlx::query_as(
+            "UPDATE celeriac_rate_limits
+             SET granted = (MAX(tat, ?1) - ?2 <= ?1),
+                 tat = CASE WHEN MAX(tat, ?1) - ?2 <= ?1 THEN MAX(tat, ?1) + ?3 ELSE tat END
+             WHERE key = ?4 RETURNING granted, tat",
+        )
+        .bind(now)
+        .bind(tolerance)
+        .bind(interval)
+        .bind(key)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(err("rate limit"))?;
+        if granted {
+            return Ok(Duration::ZERO);
+        }
+        Ok(Duration::from_secs_f64(((tat - tolerance - now) / 1000.0).max(0.001)))
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
