@@ -1,6 +1,7 @@
 //! In-process broker (`memory://`) for eager mode, tests and single-binary demos. Same lease
 //! semantics as the durable brokers; nothing survives the process.
 
+use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
 use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -28,8 +29,8 @@ struct State {
     /// Persisted revokes by id, and a counter bumped on each change.
     revoked: std::collections::HashMap<String, Revoked>,
     revoked_version: u64,
-    /// Shared rate buckets: key → theoretical arrival time (ms since the broker started).
-    buckets: std::collections::HashMap<String, f64>,
+    /// Shared rate buckets (ms since the broker started) and their lines: waiter → turn.
+    buckets: std::collections::HashMap<String, (Bucket, std::collections::HashMap<String, f64>)>,
 }
 
 /// The in-memory broker.
@@ -246,16 +247,32 @@ impl Broker for MemoryBroker {
         Ok(state.revoked.values().cloned().collect())
     }
 
-    async fn rate_limit_acquire(&self, key: &str, interval: Duration, burst: u32) -> Result<Duration, BrokerError> {
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
         let now = self.started.elapsed().as_secs_f64() * 1000.0;
+        let interval = interval.as_secs_f64() * 1000.0;
         let mut state = self.lock();
-        match super::ops::gcra(state.buckets.get(key).copied(), now, interval.as_secs_f64() * 1000.0, burst) {
-            Ok(tat) => {
-                state.buckets.insert(key.to_owned(), tat);
-                Ok(Duration::ZERO)
+        let (bucket, line) = state.buckets.entry(key.to_owned()).or_default();
+        line.retain(|_, turn| *turn >= now - STALE_TURNS * interval);
+        let holder = line.get(waiter).copied();
+        let others_due = line.iter().any(|(w, turn)| w != waiter && *turn <= now);
+        Ok(match attempt(bucket, now, interval, burst, holder, others_due) {
+            Attempt::Granted => {
+                line.remove(waiter);
+                Duration::ZERO
             }
-            Err(wait) => Ok(wait),
-        }
+            Attempt::Wait { wait, joined } => {
+                if let Some(turn) = joined {
+                    line.insert(waiter.to_owned(), turn);
+                }
+                wait
+            }
+        })
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

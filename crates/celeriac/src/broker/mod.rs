@@ -289,8 +289,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Takes one start from the shared rate bucket `key` (one start per `interval`, up to
     /// `burst` at once), for every worker of this broker together. `Duration::ZERO`: taken,
-    /// start now; otherwise nothing was taken and the wait until a start is free.
-    async fn rate_limit_acquire(&self, _key: &str, _interval: Duration, _burst: u32) -> Result<Duration, BrokerError> {
+    /// start now; otherwise nothing was taken and `waiter` (the task id) has a place in the
+    /// bucket's line: come back after the wait ([`ops::attempt`]).
+    async fn rate_limit_acquire(
+        &self,
+        _key: &str,
+        _waiter: &str,
+        _interval: Duration,
+        _burst: u32,
+    ) -> Result<Duration, BrokerError> {
         Ok(Duration::ZERO)
     }
 

@@ -1,5 +1,6 @@
 //! Operational records a broker keeps beside its queues, shared by every worker and CLI that
-//! uses it: the persisted revoked set, the shared rate-limit buckets' arithmetic, and what a
+//! uses it: the persisted revoked set, the shared rate-limit buckets' arithmetic (memory and
+//! SQLite run [`attempt`]; Redis the same steps in Lua), and what a
 //! dead letter records about its failure (with the filters `celeriac dlq` applies).
 //!
 //! Not here: where each transport stores them (`memory.rs`, `sqlite.rs`, `redis/`), and how the
@@ -108,22 +109,66 @@ pub fn parse_time(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, Strin
     Ok(now - age)
 }
 
-/// The generic cell rate algorithm on one bucket, for transports that keep the bucket's
-/// "theoretical arrival time" (`tat`, milliseconds) themselves (memory, SQL; Redis runs the
-/// same arithmetic in Lua). Returns the new `tat` when a start is allowed now, or the wait
-/// until one is.
-///
-/// With `burst` = 1 starts are spaced by `interval`; a larger burst lets `burst` starts
-/// through at once after an idle spell, never more than `burst - 1 + window / interval` in any
-/// window.
-pub fn gcra(tat: Option<f64>, now: f64, interval: f64, burst: u32) -> Result<f64, Duration> {
-    let tat = tat.unwrap_or(now).max(now);
-    let allow_at = tat - f64::from(burst.max(1) - 1) * interval;
-    if allow_at > now {
-        return Err(Duration::from_secs_f64((allow_at - now) / 1000.0));
-    }
-    Ok(tat + interval)
+/// One shared rate bucket as the transports keep it (times in milliseconds on one clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Bucket {
+    /// GCRA's theoretical arrival time: a start is allowed once `tat - (burst - 1) × interval`
+    /// is reached.
+    pub tat: f64,
+    /// The end of the line: the turn the next waiter to join is given.
+    pub ticket: f64,
 }
+
+/// What one attempt on a bucket came to.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Attempt {
+    /// A start was taken: run now (and leave the line, if in it).
+    Granted,
+    /// Not now: come back after the wait. `joined`: the waiter was put in line with this
+    /// turn (it was not in line before).
+    Wait {
+        /// How long until the waiter's turn.
+        wait: Duration,
+        /// The turn given to a waiter that joined the line now.
+        joined: Option<f64>,
+    },
+}
+
+/// One attempt by `waiter` on a bucket: the generic cell rate algorithm with a line of
+/// waiters, so that many messages that found no room do not all come back at once (and all but
+/// one find no room again). `holder_turn`: the waiter's turn if it is in line; `others_due`:
+/// whether another waiter's turn has come (a newcomer then queues behind it).
+///
+/// With `burst` = 1 starts are at least `interval` apart; a larger burst lets `burst` starts
+/// through at once after an idle spell, never more than `burst - 1 + window / interval` in
+/// any window.
+pub fn attempt(
+    bucket: &mut Bucket,
+    now: f64,
+    interval: f64,
+    burst: u32,
+    holder_turn: Option<f64>,
+    others_due: bool,
+) -> Attempt {
+    let tat = bucket.tat.max(now);
+    let allow_at = tat - f64::from(burst.max(1) - 1) * interval;
+    let ms = |t: f64| Duration::from_secs_f64((t / 1000.0).max(0.001));
+    if allow_at <= now && (holder_turn.is_some() || !others_due) {
+        bucket.tat = tat + interval;
+        return Attempt::Granted;
+    }
+    if holder_turn.is_some() {
+        // In line and its turn has come, but the token is not free yet: keep the place.
+        return Attempt::Wait { wait: ms(allow_at - now), joined: None };
+    }
+    let turn = bucket.ticket.max(allow_at).max(now);
+    bucket.ticket = turn + interval;
+    Attempt::Wait { wait: ms(turn - now), joined: Some(turn) }
+}
+
+/// Waiters whose turn passed this long ago (in intervals) are taken out of line: their message
+/// was revoked, lost or served elsewhere.
+pub const STALE_TURNS: f64 = 10.0;
 
 #[cfg(test)]
 mod tests {
@@ -145,18 +190,25 @@ mod tests {
     }
 
     #[test]
-    fn gcra_spaces_starts_and_allows_the_burst() {
-        // 5/s, no burst: one start, then the next 200 ms later.
-        let tat = gcra(None, 1000.0, 200.0, 1).unwrap();
-        assert_eq!(tat, 1200.0);
-        assert_eq!(gcra(Some(tat), 1100.0, 200.0, 1), Err(Duration::from_millis(100)));
-        assert_eq!(gcra(Some(tat), 1200.0, 200.0, 1), Ok(1400.0));
-        // Burst 3: three at once, the fourth waits one interval.
-        let mut tat = None;
+    fn starts_are_spaced_and_waiters_queue_up() {
+        let wait = |ms: f64, joined: Option<f64>| Attempt::Wait { wait: Duration::from_secs_f64(ms / 1000.0), joined };
+        let mut b = Bucket::default();
+        // 5/s, burst 1: one start, then a line, one turn per 200 ms.
+        assert_eq!(attempt(&mut b, 1000.0, 200.0, 1, None, false), Attempt::Granted);
+        assert_eq!(attempt(&mut b, 1000.0, 200.0, 1, None, false), wait(200.0, Some(1200.0)));
+        assert_eq!(attempt(&mut b, 1010.0, 200.0, 1, None, false), wait(390.0, Some(1400.0)));
+        // The first in line comes back a little early: it keeps its place.
+        assert_eq!(attempt(&mut b, 1190.0, 200.0, 1, Some(1200.0), false), wait(10.0, None));
+        // A newcomer does not take the token while a waiter's turn has come.
+        assert_eq!(attempt(&mut b, 1200.0, 200.0, 1, None, true), wait(400.0, Some(1600.0)));
+        assert_eq!(attempt(&mut b, 1200.0, 200.0, 1, Some(1200.0), true), Attempt::Granted);
+        assert_eq!(b.tat, 1400.0);
+        // Burst 3: three at once after an idle spell, the fourth waits one interval.
+        let mut b = Bucket::default();
         for _ in 0..3 {
-            tat = Some(gcra(tat, 0.0, 200.0, 3).unwrap());
+            assert_eq!(attempt(&mut b, 0.0, 200.0, 3, None, false), Attempt::Granted);
         }
-        assert_eq!(gcra(tat, 0.0, 200.0, 3), Err(Duration::from_millis(200)));
+        assert_eq!(attempt(&mut b, 0.0, 200.0, 3, None, false), wait(200.0, Some(200.0)));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! so its messages become visible to other workers within one lease (`visibility_timeout`,
 //! default 10 s here). Dead letters live in a second table with the reason and the bytes.
 
+use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
 use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids, visible_at};
 use crate::config::Config;
 use crate::protocol::Message;
@@ -48,7 +49,13 @@ CREATE TABLE IF NOT EXISTS celeriac_revoked (
 CREATE TABLE IF NOT EXISTS celeriac_rate_limits (
     key TEXT PRIMARY KEY,
     tat REAL NOT NULL,
-    granted INTEGER NOT NULL DEFAULT 0
+    ticket REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_rate_waiters (
+    key TEXT NOT NULL,
+    waiter TEXT NOT NULL,
+    turn REAL NOT NULL,
+    PRIMARY KEY (key, waiter)
 );
 ";
 
@@ -362,34 +369,86 @@ impl Broker for SqliteBroker {
             .collect())
     }
 
-    async fn rate_limit_acquire(&self, key: &str, interval: Duration, burst: u32) -> Result<Duration, BrokerError> {
-        let now = now_millis() as f64;
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
         let interval = interval.as_secs_f64() * 1000.0;
-        let tolerance = f64::from(burst.max(1) - 1) * interval;
-        sqlx::query("INSERT INTO celeriac_rate_limits (key, tat) VALUES (?, 0) ON CONFLICT (key) DO NOTHING")
-            .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(err("rate limit"))?;
-        // One statement, so the check and the update are atomic; every expression on the
-        // right reads the row as it was (the GCRA of `ops::gcra`).
-        let (granted, tat): (bool, f64) = sqlx::query_as(
-            "UPDATE celeriac_rate_limits
-             SET granted = (MAX(tat, ?1) - ?2 <= ?1),
-                 tat = CASE WHEN MAX(tat, ?1) - ?2 <= ?1 THEN MAX(tat, ?1) + ?3 ELSE tat END
-             WHERE key = ?4 RETURNING granted, tat",
+        let mut tx = self.pool.begin().await.map_err(err("rate limit"))?;
+        // A write first, so the transaction holds the write lock before it reads; the clock is
+        // read only then (a `now` from before a wait for the lock would let starts bunch).
+        sqlx::query(
+            "INSERT INTO celeriac_rate_limits (key, tat, ticket) VALUES (?, 0, 0) ON CONFLICT (key) DO NOTHING",
         )
-        .bind(now)
-        .bind(tolerance)
-        .bind(interval)
         .bind(key)
-        .fetch_one(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(err("rate limit"))?;
-        if granted {
-            return Ok(Duration::ZERO);
-        }
-        Ok(Duration::from_secs_f64(((tat - tolerance - now) / 1000.0).max(0.001)))
+        let now = now_millis() as f64;
+        sqlx::query("DELETE FROM celeriac_rate_waiters WHERE key = ? AND turn < ?")
+            .bind(key)
+            .bind(now - STALE_TURNS * interval)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let (tat, ticket): (f64, f64) = sqlx::query_as("SELECT tat, ticket FROM celeriac_rate_limits WHERE key = ?")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let holder: Option<(f64,)> =
+            sqlx::query_as("SELECT turn FROM celeriac_rate_waiters WHERE key = ? AND waiter = ?")
+                .bind(key)
+                .bind(waiter)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err("rate limit"))?;
+        let (others_due,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM celeriac_rate_waiters WHERE key = ? AND waiter != ? AND turn <= ?)",
+        )
+        .bind(key)
+        .bind(waiter)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("rate limit"))?;
+        let mut bucket = Bucket { tat, ticket };
+        let outcome = attempt(&mut bucket, now, interval, burst, holder.map(|h| h.0), others_due);
+        sqlx::query("UPDATE celeriac_rate_limits SET tat = ?, ticket = ? WHERE key = ?")
+            .bind(bucket.tat)
+            .bind(bucket.ticket)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let wait = match outcome {
+            Attempt::Granted => {
+                sqlx::query("DELETE FROM celeriac_rate_waiters WHERE key = ? AND waiter = ?")
+                    .bind(key)
+                    .bind(waiter)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("rate limit"))?;
+                Duration::ZERO
+            }
+            Attempt::Wait { wait, joined } => {
+                if let Some(turn) = joined {
+                    sqlx::query("INSERT OR REPLACE INTO celeriac_rate_waiters (key, waiter, turn) VALUES (?, ?, ?)")
+                        .bind(key)
+                        .bind(waiter)
+                        .bind(turn)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err("rate limit"))?;
+                }
+                wait
+            }
+        };
+        tx.commit().await.map_err(err("rate limit"))?;
+        Ok(wait)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

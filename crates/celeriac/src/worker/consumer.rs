@@ -402,39 +402,51 @@ async fn run_reserved(
             }
         }
     }
-    let _permit = tokio::select! {
-        p = ctx.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
-        _ = ctx.shutdown.graceful_requested() => {
-            // Prefetched but never started: give it back.
-            let _ = app.broker().requeue(d, None).await;
-            return;
+    let shared = !app.shared_limits().is_empty() && !app.config().worker_disable_rate_limits;
+    let mut acked = false;
+    let _permit = loop {
+        let permit = tokio::select! {
+            p = ctx.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
+            _ = ctx.shutdown.graceful_requested() => {
+                // Prefetched but never started: give it back.
+                return give_back(app, d, &message, acked, None).await;
+            }
+        };
+        if !effective.acks_late && !acked {
+            match app.broker().ack(d).await {
+                Ok(true) => ctx.held.mark_acked(&d.tag),
+                Ok(false) => {
+                    tracing::warn!(task_id = %id, "lease lost before start (another worker has it): skipping");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %id, error = %e, "ack failed; not running (the message will be redelivered)");
+                    return;
+                }
+            }
+            acked = true;
         }
+        // Shared (global / per-key) limits: taken with the slot in hand and after the ack,
+        // right before the start, so a start follows its grant closely. Without room the slot
+        // is given back; a short wait (its turn is near) is slept here, a longer one in the
+        // broker, so the message holds no prefetch place.
+        let Some(wait) = (if shared {
+            app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs).await
+        } else {
+            None
+        }) else {
+            break permit;
+        };
+        drop(permit);
+        if wait <= super::shared_limit::WAIT_HERE {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = ctx.shutdown.graceful_requested() => return give_back(app, d, &message, acked, None).await,
+            }
+        }
+        tracing::debug!(task_id = %id, ?wait, "shared rate limit reached: back to the broker until its turn");
+        return give_back(app, d, &message, acked, Some(super::shared_limit::retry_at(wait))).await;
     };
-    // Shared (global / per-key) limits: taken with the slot in hand, right before the start;
-    // without room the message goes back to the broker until there is, freeing the slot.
-    if !app.shared_limits().is_empty()
-        && !app.config().worker_disable_rate_limits
-        && let Some(wait) = app.shared_limits().acquire(app, task.as_ref(), &body.args, &body.kwargs).await
-    {
-        tracing::debug!(task_id = %id, ?wait, "shared rate limit reached: back to the broker until there is room");
-        if let Err(e) = app.broker().requeue(d, Some(super::shared_limit::retry_at(wait))).await {
-            tracing::warn!(task_id = %id, error = %e, "could not return a rate-limited message; it will be redelivered");
-        }
-        return;
-    }
-    if !effective.acks_late {
-        match app.broker().ack(d).await {
-            Ok(true) => ctx.held.mark_acked(&d.tag),
-            Ok(false) => {
-                tracing::warn!(task_id = %id, "lease lost before start (another worker has it): skipping");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(task_id = %id, error = %e, "ack failed; not running (the message will be redelivered)");
-                return;
-            }
-        }
-    }
     if ctx.state.is_revoked(&id) || revoked_by_stamp(ctx, &message).is_some() {
         return revoked(ctx, d, (&message, &body), "revoked", false).await;
     }
@@ -489,6 +501,19 @@ async fn run_reserved(
     let decision = executor::name_failure(decision, &call.request.task, &id);
     task_event(ctx, &id, &decision, started.elapsed().as_secs_f64()).await;
     apply(ctx, d, &call, decision).await;
+}
+
+/// Returns a message that did not start to its queue, due at `at`: the delivery itself, or (once
+/// acked, when a shared rate limit sent it back) a copy of its bytes.
+async fn give_back(app: &App, d: &Delivery, message: &Message, acked: bool, at: Option<chrono::DateTime<Utc>>) {
+    let done = if acked {
+        app.broker().publish_raw(&d.queue, &d.payload, message.properties.priority, at.unwrap_or_else(Utc::now)).await
+    } else {
+        app.broker().requeue(d, at).await
+    };
+    if let Err(e) = done {
+        tracing::warn!(task_id = %message.headers.id, error = %e, "could not give a message that did not start back to its queue");
+    }
 }
 
 async fn task_event(ctx: &Ctx, id: &str, decision: &Decision, runtime: f64) {

@@ -4,12 +4,13 @@
 //! the arguments), so that 20 workers together respect "5/s per customer".
 //!
 //! Each limit is a bucket in the broker ([`crate::broker::Broker::rate_limit_acquire`]: a Lua
-//! GCRA script on Redis, one atomic `UPDATE` on SQLite, a map in memory). A worker asks for a
+//! GCRA script on Redis, one transaction on SQLite, a map in memory). A worker asks for a
 //! start once it holds a concurrency slot, right before the task starts; when none is free it
-//! gives the slot back and returns the message to the broker, due when the bucket has room
-//! (plus a little jitter so waiting messages do not all come back at once). A limited task
-//! therefore never holds a slot or a prefetch place while it waits, and other tasks (another
-//! key, another task) are not held up behind it.
+//! gives the slot back and waits for the turn the bucket's line gave it (so waiting messages
+//! come back one per interval, not all at once): up to [`WAIT_HERE`] (1 s) in the worker,
+//! holding the message but no slot, longer in the broker (the message is requeued, due at its
+//! turn), so it holds no prefetch place either. Other tasks (another key, another task) are not
+//! held up behind it.
 //!
 //! Configured with `task_rate_limits` (TOML) or [`crate::AppBuilder::global_rate_limit`] /
 //! [`crate::AppBuilder::key_rate_limit`]. Not here: the per-worker `rate_limit`
@@ -188,6 +189,7 @@ impl SharedLimits {
         &self,
         app: &App,
         task: &dyn Task,
+        waiter: &str,
         args: &[Value],
         kwargs: &Map<String, Value>,
     ) -> Option<Duration> {
@@ -203,7 +205,7 @@ impl SharedLimits {
             buckets.push((format!("{}:global", task.name()), rate));
         }
         for (bucket, rate) in buckets {
-            match app.broker().rate_limit_acquire(&bucket, rate.interval(), burst).await {
+            match app.broker().rate_limit_acquire(&bucket, waiter, spaced(rate.interval()), burst).await {
                 Ok(wait) if wait.is_zero() => {}
                 Ok(wait) => return Some(wait),
                 Err(e) => {
@@ -216,10 +218,21 @@ impl SharedLimits {
     }
 }
 
-/// When a message that found no room in its bucket comes back: after `wait`, plus jitter of
-/// up to half of it (at most 0.5 s more), so that many waiting messages spread out.
+/// The spacing asked of a bucket for `interval`: 1% and 2 ms more, to absorb the few
+/// milliseconds between a grant and the task's start that vary from one start to the next, so
+/// starts (not only grants) keep to the rate.
+fn spaced(interval: Duration) -> Duration {
+    interval.mul_f64(1.01) + Duration::from_millis(2)
+}
+
+/// A wait up to this long is slept in the worker (holding the message, not a slot); a longer
+/// one in the broker.
+pub(crate) const WAIT_HERE: Duration = Duration::from_secs(1);
+
+/// When a message that found no room in its bucket comes back: at its turn in the bucket's
+/// line, plus up to 10% (at most 50 ms) so that two turns never land on the same instant.
 pub(crate) fn retry_at(wait: Duration) -> chrono::DateTime<chrono::Utc> {
-    let jitter = wait.min(Duration::from_secs(1)).mul_f64(rand_fraction() * 0.5);
+    let jitter = wait.mul_f64(0.1).min(Duration::from_millis(50)).mul_f64(rand_fraction());
     chrono::Utc::now() + chrono::Duration::from_std(wait + jitter).unwrap_or(chrono::Duration::seconds(1))
 }
 
@@ -285,7 +298,7 @@ mod tests {
         let wait = Duration::from_millis(200);
         for _ in 0..50 {
             let at = retry_at(wait) - chrono::Utc::now();
-            assert!(at >= chrono::Duration::milliseconds(190) && at <= chrono::Duration::milliseconds(310), "{at}");
+            assert!(at >= chrono::Duration::milliseconds(190) && at <= chrono::Duration::milliseconds(230), "{at}");
         }
     }
 }

@@ -678,8 +678,14 @@ impl Broker for RedisBroker {
         self.inner.persisted_revoked().await
     }
 
-    async fn rate_limit_acquire(&self, key: &str, interval: Duration, burst: u32) -> Result<Duration, BrokerError> {
-        self.inner.rate_limit_acquire(key, interval, burst).await
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
+        self.inner.rate_limit_acquire(key, waiter, interval, burst).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
