@@ -94,6 +94,22 @@ async fn redis_revokes_survive_restarts() {
     revokes_survive_restarts(&url).await;
 }
 
+/// A revoked message for a task this worker does not know is revoked, not dead-lettered.
+#[tokio::test]
+async fn sqlite_revoked_unknown_task_is_revoked_not_dead_lettered() {
+    let (_dir, url) = sqlite_url();
+    let app = app_on(&url, App::builder()).await;
+    let r = app.send_task("nowhere.known", vec![], Default::default()).await.unwrap();
+    app.revoke(&[r.id().to_owned()], false, None).await.unwrap();
+    let (stop, worker) = start_worker(&app, 1);
+    assert!(eventually(WAIT, || async { common::queue_stats(&app, "celery").await.ready == 0 }).await);
+    stop.graceful();
+    let summary = worker.await.unwrap();
+    assert_eq!((summary.revoked, summary.dead_lettered), (1, 0));
+    assert_eq!(r.state().await.unwrap(), State::Revoked);
+    assert!(app.broker().dead_letters(10).await.unwrap().is_empty());
+}
+
 /// Persisted revokes expire, and the version moves with every revoke.
 async fn revokes_expire(url: &str) {
     let app = app_on(url, App::builder()).await;

@@ -257,18 +257,20 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         Err(e) => return dead_letter(ctx, d, DeadLetterInfo::new(e.to_string(), "DecodeError")).await,
     };
     let id = message.headers.id.clone();
+    // Revoked wins over unknown: the task was not meant to run here or anywhere.
+    if ctx.state.is_revoked(&id) {
+        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+    }
     let Some(task) = app.task(&message.headers.task).cloned() else {
         let name = &message.headers.task;
         let hint = app.suggest_task(name).map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default();
         let meta = ResultMeta::exception(&id, State::Failure, &ExceptionInfo::not_registered(name), None);
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
         let reason = format!("unknown task {name:?}: not registered with this worker{hint}");
-        return dead_letter(ctx, d, DeadLetterInfo::new(reason, "NotRegistered")).await;
+        return dead_letter(ctx, d, DeadLetterInfo::new(reason, "NotRegistered").retries(message.headers.retries))
+            .await;
     };
     let info = request_info(&message, &body, d.redelivered(), &ctx.options.hostname);
-    if ctx.state.is_revoked(&id) {
-        return revoked(ctx, d, (&message, &body), "revoked", false).await;
-    }
     if let Some(stamp) = revoked_by_stamp(ctx, &message) {
         tracing::info!(task_id = %id, %stamp, "discarding task revoked by stamped header");
         return revoked(ctx, d, (&message, &body), "revoked", false).await;
