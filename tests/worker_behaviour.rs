@@ -115,10 +115,11 @@ async fn max_retries_exceeded_fails_reports_and_dead_letters() {
     let dead = &app.broker().dead_letters(10).await.unwrap()[0];
     assert_eq!(dead.task_id.as_deref(), Some(r.id()));
     assert!(dead.reason.contains("failed after 2 retries"), "{}", dead.reason);
-    // Replay puts it back with a fresh budget.
+    // Replay puts it back as a new task with a fresh budget; the dead letter records it.
     let replayed = celeriac::broker::replay_dead_letter(app.broker().as_ref(), &dead.id).await.unwrap();
-    assert_eq!(replayed, r.id());
-    assert!(app.broker().dead_letters(10).await.unwrap().is_empty());
+    assert_ne!(replayed, r.id());
+    let marked = &app.broker().dead_letters(10).await.unwrap()[0];
+    assert_eq!(marked.replayed_as.as_deref(), Some(replayed.as_str()));
     assert_eq!(queue_stats(&app, "celery").await.ready, 1);
 }
 

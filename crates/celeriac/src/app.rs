@@ -28,6 +28,8 @@ struct Inner {
     oid: String,
     /// Beat entries: `beat_schedule` from the config, then those added in code.
     beat_entries: Vec<crate::beat::Entry>,
+    /// Rate limits shared by all workers (`worker/shared_limit.rs`).
+    shared_limits: crate::worker::shared_limit::SharedLimits,
 }
 
 impl fmt::Debug for App {
@@ -147,6 +149,24 @@ impl App {
     pub fn suggest_task(&self, name: &str) -> Option<String> {
         closest(name, self.inner.tasks.keys().map(String::as_str))
     }
+
+    /// The rate limits shared by all workers.
+    pub(crate) fn shared_limits(&self) -> &crate::worker::shared_limit::SharedLimits {
+        &self.inner.shared_limits
+    }
+
+    /// Revokes tasks for every worker, now and after restarts: the ids are persisted in the
+    /// broker until `expires` (default `worker_revoke_expires`, 3 h) and Celery's `revoke`
+    /// is broadcast; with `terminate`, running tasks are stopped. Tasks that have not started
+    /// are stored as REVOKED.
+    pub async fn revoke(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires: Option<std::time::Duration>,
+    ) -> Result<(), Error> {
+        crate::worker::revoke::revoke(self, ids, terminate, expires).await
+    }
 }
 
 /// Builds an [`App`].
@@ -160,6 +180,7 @@ pub struct AppBuilder {
     broker: Option<Arc<dyn Broker>>,
     backend: Option<Arc<dyn ResultBackend>>,
     beat_entries: Vec<crate::beat::Entry>,
+    shared_limits: crate::worker::shared_limit::Declared,
 }
 
 impl AppBuilder {
@@ -195,6 +216,20 @@ impl AppBuilder {
     /// Registers a task (usually the type `#[task]` generated).
     pub fn task(mut self, task: impl Task) -> Self {
         self.tasks.push(Arc::new(task));
+        self
+    }
+
+    /// *Beyond Celery*: at most `rate` (`"100/s"`, `"10/m"`) starts of `task` across all
+    /// workers of the broker together (Celery's `rate_limit` is per worker).
+    pub fn global_rate_limit(mut self, task: &str, rate: &str) -> Self {
+        self.shared_limits.global(task, rate);
+        self
+    }
+
+    /// *Beyond Celery*: at most `rate` starts of `task` per value of `key` (a parameter such
+    /// as `customer_id`, or a function of the arguments) across all workers together.
+    pub fn key_rate_limit(mut self, task: &str, rate: &str, key: crate::worker::RateKey) -> Self {
+        self.shared_limits.per_key(task, rate, key);
         self
     }
 
@@ -267,6 +302,7 @@ impl AppBuilder {
             beat_entries.push(entry);
         }
         let host = hostname();
+        let shared_limits = crate::worker::shared_limit::SharedLimits::build(&config, &self.shared_limits)?;
         Ok(App {
             inner: Arc::new(Inner {
                 config,
@@ -277,6 +313,7 @@ impl AppBuilder {
                 origin: format!("gen{}@{host}", std::process::id()),
                 oid: uuid::Uuid::new_v4().to_string(),
                 beat_entries,
+                shared_limits,
             }),
         })
     }

@@ -84,6 +84,13 @@ pub struct Config {
     /// error (true), or with the last error itself, as Celery does when `retry(exc=...)` or
     /// `autoretry_for` gave one (false).
     pub task_retry_exceeded_wraps_error: bool,
+    /// *Celeriac*: seconds a revoke stays in force (persisted in the broker; Celery's
+    /// `CELERY_WORKER_REVOKE_EXPIRES`, 3 hours).
+    pub worker_revoke_expires: f64,
+    /// *Celeriac*: rate limits shared by all workers, per task name: a table such as
+    /// `{ "billing.charge" = { global = "100/s", per_key = "5/s", key = "customer_id" } }`
+    /// (`docs/OPERATIONS.md`, "Rate limits").
+    pub task_rate_limits: BTreeMap<String, toml::Value>,
 }
 
 impl Default for Config {
@@ -121,6 +128,8 @@ impl Default for Config {
             task_allow_error_cb_on_chord_header: false,
             result_chord_join_timeout: 3.0,
             task_retry_exceeded_wraps_error: true,
+            worker_revoke_expires: 10_800.0,
+            task_rate_limits: BTreeMap::new(),
         }
     }
 }
@@ -336,6 +345,7 @@ const SETTINGS: &[(&str, Kind)] = &[
     ("task_eager_propagates", Kind::Bool),
     ("task_ignore_result", Kind::Bool),
     ("task_inherit_parent_priority", Kind::Bool),
+    ("task_rate_limits", Kind::Options),
     ("task_retry_exceeded_wraps_error", Kind::Bool),
     ("task_routes", Kind::Routes),
     ("task_serializer", Kind::Text),
@@ -348,6 +358,7 @@ const SETTINGS: &[(&str, Kind)] = &[
     ("worker_disable_prefetch", Kind::Bool),
     ("worker_disable_rate_limits", Kind::Bool),
     ("worker_prefetch_multiplier", Kind::Count),
+    ("worker_revoke_expires", Kind::Seconds),
     ("worker_send_task_events", Kind::Bool),
     ("worker_soft_shutdown_timeout", Kind::Seconds),
 ];
@@ -686,6 +697,8 @@ mod tests {
             task_allow_error_cb_on_chord_header: false,
             result_chord_join_timeout: 3.0,
             task_retry_exceeded_wraps_error: true,
+            worker_revoke_expires: 10_800.0,
+            task_rate_limits: BTreeMap::new(),
         };
         let Ok(toml::Value::Table(fields)) = toml::Value::try_from(&every) else { panic!("a config is a table") };
         assert_eq!(fields.keys().cloned().collect::<Vec<_>>(), Config::keys());

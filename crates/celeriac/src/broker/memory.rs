@@ -1,7 +1,8 @@
 //! In-process broker (`memory://`) for eager mode, tests and single-binary demos. Same lease
 //! semantics as the durable brokers; nothing survives the process.
 
-use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids};
+use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
+use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use std::collections::BTreeMap;
@@ -25,6 +26,11 @@ struct State {
     next_id: u64,
     messages: BTreeMap<u64, Entry>,
     dead: Vec<DeadLetter>,
+    /// Persisted revokes by id, and a counter bumped on each change.
+    revoked: std::collections::HashMap<String, Revoked>,
+    revoked_version: u64,
+    /// Shared rate buckets (ms since the broker started) and their lines: waiter → turn.
+    buckets: std::collections::HashMap<String, (Bucket, std::collections::HashMap<String, f64>)>,
 }
 
 /// The in-memory broker.
@@ -33,6 +39,8 @@ pub struct MemoryBroker {
     state: Mutex<State>,
     published: Notify,
     lease: Duration,
+    /// The clock of the rate buckets.
+    started: std::time::Instant,
 }
 
 impl Default for MemoryBroker {
@@ -44,7 +52,12 @@ impl Default for MemoryBroker {
 impl MemoryBroker {
     /// An empty broker with a 30 s lease.
     pub fn new() -> Self {
-        MemoryBroker { state: Mutex::new(State::default()), published: Notify::new(), lease: Duration::from_secs(30) }
+        MemoryBroker {
+            state: Mutex::new(State::default()),
+            published: Notify::new(),
+            lease: Duration::from_secs(30),
+            started: std::time::Instant::now(),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -176,6 +189,10 @@ impl Broker for MemoryBroker {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        self.dead_letter_with(delivery, &DeadLetterInfo { reason: reason.to_owned(), ..Default::default() }).await
+    }
+
+    async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
         let (task_id, task_name) = peek_ids(&delivery.payload);
         let mut state = self.lock();
         if let Some((id, _)) = Self::parse_tag(&delivery.tag) {
@@ -188,11 +205,74 @@ impl Broker for MemoryBroker {
             queue: delivery.queue.clone(),
             task_id,
             task_name,
-            reason: reason.to_owned(),
+            reason: info.reason.clone(),
+            error_type: info.error_type.clone(),
+            traceback: info.traceback.clone(),
+            retries: info.retries,
+            replayed_as: None,
             payload: delivery.payload.clone(),
             created_at: Utc::now(),
         });
         Ok(())
+    }
+
+    async fn mark_dead_letter_replayed(&self, id: &str, task_id: &str) -> Result<bool, BrokerError> {
+        let mut state = self.lock();
+        let found = state.dead.iter_mut().find(|d| d.id == id);
+        Ok(found.map(|d| d.replayed_as = Some(task_id.to_owned())).is_some())
+    }
+
+    async fn persist_revoked(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        let mut state = self.lock();
+        for id in ids {
+            state.revoked.insert(id.clone(), Revoked { id: id.clone(), terminate, expires_at });
+        }
+        state.revoked_version += 1;
+        Ok(true)
+    }
+
+    async fn revoked_version(&self) -> Result<u64, BrokerError> {
+        Ok(self.lock().revoked_version)
+    }
+
+    async fn persisted_revoked(&self) -> Result<Vec<Revoked>, BrokerError> {
+        let now = Utc::now();
+        let mut state = self.lock();
+        state.revoked.retain(|_, r| r.expires_at > now);
+        Ok(state.revoked.values().cloned().collect())
+    }
+
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
+        let now = self.started.elapsed().as_secs_f64() * 1000.0;
+        let interval = interval.as_secs_f64() * 1000.0;
+        let mut state = self.lock();
+        let (bucket, line) = state.buckets.entry(key.to_owned()).or_default();
+        line.retain(|_, turn| *turn >= now - STALE_TURNS * interval);
+        let holder = line.get(waiter).copied();
+        let others_due = line.iter().any(|(w, turn)| w != waiter && *turn <= now);
+        Ok(match attempt(bucket, now, interval, burst, holder, others_due) {
+            Attempt::Granted => {
+                line.remove(waiter);
+                Duration::ZERO
+            }
+            Attempt::Wait { wait, joined } => {
+                if let Some(turn) = joined {
+                    line.insert(waiter.to_owned(), turn);
+                }
+                wait
+            }
+        })
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

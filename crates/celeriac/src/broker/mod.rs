@@ -11,6 +11,7 @@
 //! (kombu's layout, shared with Python Celery).
 
 pub mod memory;
+pub mod ops;
 #[cfg(feature = "redis")]
 pub mod redis;
 #[cfg(feature = "sqlite")]
@@ -19,6 +20,7 @@ pub mod sqlite;
 use crate::protocol::Message;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+pub use ops::{DeadLetterFilter, DeadLetterInfo, Revoked};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -103,6 +105,14 @@ pub struct DeadLetter {
     pub task_name: Option<String>,
     /// Why it was dead-lettered.
     pub reason: String,
+    /// The exception type, when known (`KeyError`, `Reject`, `NotRegistered`, ...).
+    pub error_type: Option<String>,
+    /// The traceback text, when the task produced one.
+    pub traceback: Option<String>,
+    /// How many times the task had been retried.
+    pub retries: Option<u32>,
+    /// The task id a replay ran it under (`celeriac dlq replay`); `None` until replayed.
+    pub replayed_as: Option<String>,
     /// The original bytes.
     pub payload: Vec<u8>,
     /// When.
@@ -251,6 +261,55 @@ pub trait Broker: Send + Sync + 'static {
     async fn publish_direct(&self, _exchange: &str, _routing_key: &str, _payload: &[u8]) -> Result<(), BrokerError> {
         Ok(())
     }
+
+    // ---- revoke, shared rate limits, dead-letter details (`ops.rs`) ----
+
+    /// Records `ids` as revoked until `expires_at`, for every worker of this broker, present
+    /// or future (Celery keeps revokes in each worker's memory only). Returns `false` where the
+    /// transport keeps no such record.
+    async fn persist_revoked(
+        &self,
+        _ids: &[String],
+        _terminate: bool,
+        _expires_at: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        Ok(false)
+    }
+
+    /// A number that changes whenever the persisted revoked set changes, cheap to read: a
+    /// worker polls it and reloads [`Broker::persisted_revoked`] only when it moved.
+    async fn revoked_version(&self) -> Result<u64, BrokerError> {
+        Ok(0)
+    }
+
+    /// The persisted revoked ids still in force (expired ones are pruned).
+    async fn persisted_revoked(&self) -> Result<Vec<Revoked>, BrokerError> {
+        Ok(Vec::new())
+    }
+
+    /// Takes one start from the shared rate bucket `key` (one start per `interval`, up to
+    /// `burst` at once), for every worker of this broker together. `Duration::ZERO`: taken,
+    /// start now; otherwise nothing was taken and `waiter` (the task id) has a place in the
+    /// bucket's line: come back after the wait ([`ops::attempt`]).
+    async fn rate_limit_acquire(
+        &self,
+        _key: &str,
+        _waiter: &str,
+        _interval: Duration,
+        _burst: u32,
+    ) -> Result<Duration, BrokerError> {
+        Ok(Duration::ZERO)
+    }
+
+    /// [`Broker::dead_letter`] with the error type, traceback and retries recorded too.
+    async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
+        self.dead_letter(delivery, &info.reason).await
+    }
+
+    /// Records that dead letter `id` was replayed as task `task_id`; returns whether it exists.
+    async fn mark_dead_letter_replayed(&self, _id: &str, _task_id: &str) -> Result<bool, BrokerError> {
+        Ok(false)
+    }
 }
 
 /// Opens the broker a URL names: `memory://`, `sqlite://path`, `redis://`, `rediss://`.
@@ -324,21 +383,43 @@ pub enum ReplayError {
         /// Why it does not decode.
         problem: String,
     },
+    /// It was replayed before (replaying again would run the task twice).
+    #[error("dead letter {id} was already replayed as task {task_id} (see `celeriac result {task_id}`)")]
+    AlreadyReplayed {
+        /// Dead-letter id.
+        id: String,
+        /// The task id of that replay.
+        task_id: String,
+    },
     /// The broker failed.
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
 
-/// Puts a dead letter back on its queue with a fresh retry budget (retries 0, no ETA) and
-/// removes it from the dead-letter queue. Returns the task id.
+/// The header a replayed message carries: the task id it was dead-lettered under.
+pub const REPLAYED_FROM: &str = "replayed_from";
+
+/// Puts a dead letter back on its queue as a new task: a fresh task id (so its result is kept
+/// apart from the failed run's), a fresh retry budget (retries 0, no ETA), and the header
+/// `replayed_from` = the old id. The dead letter stays, marked `replayed_as` = the new id, so
+/// the chain old → new can be followed both ways. Returns the new task id.
 pub async fn replay_dead_letter(broker: &dyn Broker, id: &str) -> Result<String, ReplayError> {
     let dead = broker.dead_letter_by_id(id).await?.ok_or_else(|| ReplayError::NotFound(id.to_owned()))?;
+    if let Some(task_id) = dead.replayed_as {
+        return Err(ReplayError::AlreadyReplayed { id: id.to_owned(), task_id });
+    }
     let mut message = Message::from_wire(&dead.payload)
         .map_err(|e| ReplayError::Undecodable { id: id.to_owned(), problem: e.to_string() })?;
+    let old = std::mem::replace(&mut message.headers.id, uuid::Uuid::new_v4().to_string());
+    if message.headers.root_id.as_deref().is_none_or(|r| r == old) {
+        message.headers.root_id = Some(message.headers.id.clone());
+    }
+    message.properties.correlation_id = Some(message.headers.id.clone());
+    message.headers.extra.insert(REPLAYED_FROM.into(), old.into());
     message.headers.retries = 0;
     message.headers.eta = None;
     message.properties.delivery_tag = Some(uuid::Uuid::new_v4().to_string());
     broker.publish(&dead.queue, &message).await?;
-    broker.remove_dead_letter(id).await?;
+    broker.mark_dead_letter_replayed(id, &message.headers.id).await?;
     Ok(message.headers.id)
 }

@@ -7,7 +7,8 @@
 //! so its messages become visible to other workers within one lease (`visibility_timeout`,
 //! default 10 s here). Dead letters live in a second table with the reason and the bytes.
 
-use super::{Broker, BrokerError, DeadLetter, Delivery, QueueStats, peek_ids, visible_at};
+use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
+use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids, visible_at};
 use crate::config::Config;
 use crate::protocol::Message;
 use crate::sqlite_common::{millis, now_millis, open, path_of};
@@ -39,7 +40,28 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     payload BLOB NOT NULL,
     created_at INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS celeriac_revoked (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    task_id TEXT NOT NULL UNIQUE,
+    terminate INTEGER NOT NULL DEFAULT 0,
+    expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_rate_limits (
+    key TEXT PRIMARY KEY,
+    tat REAL NOT NULL,
+    ticket REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS celeriac_rate_waiters (
+    key TEXT NOT NULL,
+    waiter TEXT NOT NULL,
+    turn REAL NOT NULL,
+    PRIMARY KEY (key, waiter)
+);
 ";
+
+/// Columns added to `celeriac_dead_letters` after its first release (added to older files
+/// when they are opened).
+const DEAD_LETTER_COLUMNS: &[&str] = &["error_type TEXT", "traceback TEXT", "retries INTEGER", "replayed_as TEXT"];
 
 /// The SQLite broker.
 #[derive(Debug)]
@@ -66,6 +88,14 @@ impl SqliteBroker {
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
         sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
+        for column in DEAD_LETTER_COLUMNS {
+            let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
+            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await
+                && !e.to_string().contains("duplicate column")
+            {
+                return Err(BrokerError::storage("create schema", e));
+            }
+        }
         let secs = |name: &str, default: f64| {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
@@ -123,6 +153,10 @@ impl SqliteBroker {
             task_id: r.get("task_id"),
             task_name: r.get("task_name"),
             reason: r.get("reason"),
+            error_type: r.get("error_type"),
+            traceback: r.get("traceback"),
+            retries: r.get::<Option<i64>, _>("retries").map(|n| n.max(0) as u32),
+            replayed_as: r.get("replayed_as"),
             payload: r.get("payload"),
             created_at: Utc.timestamp_millis_opt(r.get("created_at")).single().unwrap_or_default(),
         }
@@ -240,19 +274,29 @@ impl Broker for SqliteBroker {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        self.dead_letter_with(delivery, &DeadLetterInfo { reason: reason.to_owned(), ..Default::default() }).await
+    }
+
+    async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
         let (task_id, task_name) = peek_ids(&delivery.payload);
         let mut tx = self.pool.begin().await.map_err(err("dead-letter"))?;
-        sqlx::query("INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, payload, created_at) VALUES (?, ?, ?, ?, ?, ?)")
-            .bind(&delivery.queue)
-            .bind(task_id)
-            .bind(task_name)
-            .bind(reason)
-            .bind(&delivery.payload)
-            .bind(now_millis())
-            .execute(&mut *tx)
-            .await
-            .map_err(err("dead-letter"))?;
+        sqlx::query(
+            "INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, error_type, traceback, retries, payload, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&delivery.queue)
+        .bind(task_id)
+        .bind(task_name)
+        .bind(&info.reason)
+        .bind(&info.error_type)
+        .bind(&info.traceback)
+        .bind(info.retries.map(i64::from))
+        .bind(&delivery.payload)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await
+        .map_err(err("dead-letter"))?;
         sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
             .bind(id)
             .bind(token)
@@ -260,6 +304,151 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err("dead-letter"))?;
         tx.commit().await.map_err(err("dead-letter"))
+    }
+
+    async fn mark_dead_letter_replayed(&self, id: &str, task_id: &str) -> Result<bool, BrokerError> {
+        let Ok(id) = id.parse::<i64>() else { return Ok(false) };
+        let done = sqlx::query("UPDATE celeriac_dead_letters SET replayed_as = ? WHERE id = ?")
+            .bind(task_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(err("mark dead letter replayed"))?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn persist_revoked(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        let mut tx = self.pool.begin().await.map_err(err("revoke"))?;
+        for id in ids {
+            // REPLACE gives the row a new `seq`, so `revoked_version` moves.
+            sqlx::query("INSERT OR REPLACE INTO celeriac_revoked (task_id, terminate, expires_at) VALUES (?, ?, ?)")
+                .bind(id)
+                .bind(terminate)
+                .bind(millis(expires_at))
+                .execute(&mut *tx)
+                .await
+                .map_err(err("revoke"))?;
+        }
+        tx.commit().await.map_err(err("revoke"))?;
+        Ok(true)
+    }
+
+    async fn revoked_version(&self) -> Result<u64, BrokerError> {
+        // Every revoke writes a row with a new `seq` (AUTOINCREMENT never hands one out twice);
+        // pruning can lower the maximum, which reads as a change too.
+        let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM celeriac_revoked")
+            .fetch_one(&self.pool)
+            .await
+            .map_err(err("read revoked"))?;
+        Ok(max.unwrap_or(0) as u64)
+    }
+
+    async fn persisted_revoked(&self) -> Result<Vec<Revoked>, BrokerError> {
+        let now = now_millis();
+        sqlx::query("DELETE FROM celeriac_revoked WHERE expires_at <= ?")
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(err("prune revoked"))?;
+        let rows = sqlx::query("SELECT task_id, terminate, expires_at FROM celeriac_revoked ORDER BY seq")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("read revoked"))?;
+        Ok(rows
+            .iter()
+            .map(|r| Revoked {
+                id: r.get("task_id"),
+                terminate: r.get::<i64, _>("terminate") != 0,
+                expires_at: Utc.timestamp_millis_opt(r.get("expires_at")).single().unwrap_or_default(),
+            })
+            .collect())
+    }
+
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
+        let interval = interval.as_secs_f64() * 1000.0;
+        let mut tx = self.pool.begin().await.map_err(err("rate limit"))?;
+        // A write first, so the transaction holds the write lock before it reads; the clock is
+        // read only then (a `now` from before a wait for the lock would let starts bunch).
+        sqlx::query(
+            "INSERT INTO celeriac_rate_limits (key, tat, ticket) VALUES (?, 0, 0) ON CONFLICT (key) DO NOTHING",
+        )
+        .bind(key)
+        .execute(&mut *tx)
+        .await
+        .map_err(err("rate limit"))?;
+        let now = now_millis() as f64;
+        sqlx::query("DELETE FROM celeriac_rate_waiters WHERE key = ? AND turn < ?")
+            .bind(key)
+            .bind(now - STALE_TURNS * interval)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let (tat, ticket): (f64, f64) = sqlx::query_as("SELECT tat, ticket FROM celeriac_rate_limits WHERE key = ?")
+            .bind(key)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let holder: Option<(f64,)> =
+            sqlx::query_as("SELECT turn FROM celeriac_rate_waiters WHERE key = ? AND waiter = ?")
+                .bind(key)
+                .bind(waiter)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(err("rate limit"))?;
+        let (others_due,): (bool,) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM celeriac_rate_waiters WHERE key = ? AND waiter != ? AND turn <= ?)",
+        )
+        .bind(key)
+        .bind(waiter)
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(err("rate limit"))?;
+        let mut bucket = Bucket { tat, ticket };
+        let outcome = attempt(&mut bucket, now, interval, burst, holder.map(|h| h.0), others_due);
+        sqlx::query("UPDATE celeriac_rate_limits SET tat = ?, ticket = ? WHERE key = ?")
+            .bind(bucket.tat)
+            .bind(bucket.ticket)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(err("rate limit"))?;
+        let wait = match outcome {
+            Attempt::Granted => {
+                sqlx::query("DELETE FROM celeriac_rate_waiters WHERE key = ? AND waiter = ?")
+                    .bind(key)
+                    .bind(waiter)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(err("rate limit"))?;
+                Duration::ZERO
+            }
+            Attempt::Wait { wait, joined } => {
+                if let Some(turn) = joined {
+                    sqlx::query("INSERT OR REPLACE INTO celeriac_rate_waiters (key, waiter, turn) VALUES (?, ?, ?)")
+                        .bind(key)
+                        .bind(waiter)
+                        .bind(turn)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(err("rate limit"))?;
+                }
+                wait
+            }
+        };
+        tx.commit().await.map_err(err("rate limit"))?;
+        Ok(wait)
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {

@@ -1,8 +1,8 @@
 //! What each subcommand does.
 
-use super::{CallArgs, Cli, Command, DlqAction, InspectWhat, WorkerArgs};
+use super::{CallArgs, Cli, Command, DlqAction, DlqFilter, InspectWhat, WorkerArgs};
 use crate::app::{App, AppBuilder};
-use crate::broker::replay_dead_letter;
+use crate::broker::{DeadLetter, DeadLetterFilter, replay_dead_letter};
 use crate::protocol::{Message, TaskBody};
 use crate::{Error, Signature, Worker};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -45,6 +45,17 @@ pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, F
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { action } => dlq(&app, action).await,
+        Command::Revoke { ids, terminate, expires } => {
+            let expires = expires
+                .map(|s| {
+                    Duration::try_from_secs_f64(s).map_err(|_| format!("--expires {s} is not a number of seconds"))
+                })
+                .transpose()?;
+            app.revoke(&ids, terminate, expires).await?;
+            let what = if terminate { "revoked (running ones terminated)" } else { "revoked" };
+            println!("{what}: {}", ids.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Inspect { what } => inspect(&app, what).await,
         Command::Beat(args) => super::beat::run(&app, args).await,
         Command::Bench { scenario, tasks, concurrency, rate, child } => {
@@ -144,22 +155,47 @@ async fn result(app: &App, id: &str, wait: bool, timeout: f64) -> Result<ExitCod
     Ok(if meta.status.propagates() { ExitCode::from(1) } else { ExitCode::SUCCESS })
 }
 
+impl DlqFilter {
+    fn parse(&self) -> Result<DeadLetterFilter, Failure> {
+        let now = chrono::Utc::now();
+        let time = |t: &Option<String>, flag: &str| {
+            t.as_deref()
+                .map(|t| crate::broker::ops::parse_time(t, now).map_err(|e| format!("--{flag}: {e}")))
+                .transpose()
+        };
+        Ok(DeadLetterFilter {
+            task: self.task.clone(),
+            error: self.error.clone(),
+            since: time(&self.since, "since")?,
+            until: time(&self.until, "until")?,
+        })
+    }
+}
+
+/// Dead letters that pass `filter`, newest first, at most `limit`.
+async fn matching(app: &App, filter: &DeadLetterFilter, limit: usize) -> Result<Vec<DeadLetter>, Failure> {
+    let all = app.broker().dead_letters(if filter.is_empty() { limit } else { usize::MAX >> 1 }).await?;
+    Ok(all.into_iter().filter(|d| filter.matches(d)).take(limit).collect())
+}
+
 async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
     let broker = app.broker();
     match action {
-        DlqAction::List { limit } => {
-            let letters = broker.dead_letters(limit).await?;
+        DlqAction::List { limit, filter } => {
+            let letters = matching(app, &filter.parse()?, limit).await?;
             if letters.is_empty() {
-                println!("the dead-letter queue is empty");
+                println!("no dead letters{}", if filter.parse()?.is_empty() { "" } else { " match" });
             }
             for d in letters {
+                let replayed = d.replayed_as.as_deref().map(|t| format!(" [replayed as {t}]")).unwrap_or_default();
                 println!(
-                    "{:>6}  {}  {:<10} {:<36} {:<30} {}",
+                    "{:>6}  {}  {:<10} {:<36} {:<30} {:<20} {}{replayed}",
                     d.id,
                     d.created_at.format("%Y-%m-%d %H:%M:%S"),
                     d.queue,
                     d.task_id.as_deref().unwrap_or("-"),
                     d.task_name.as_deref().unwrap_or("-"),
+                    d.error_type.as_deref().unwrap_or("-"),
                     d.reason
                 );
             }
@@ -167,13 +203,16 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
         DlqAction::Show { id } => {
             let d = broker.dead_letter_by_id(&id).await?.ok_or_else(|| format!("no dead letter with id {id:?}"))?;
             println!(
-                "id:       {}\nqueue:    {}\ntask id:  {}\ntask:     {}\nreason:   {}\nat:       {}",
+                "id:       {}\nqueue:    {}\ntask id:  {}\ntask:     {}\nerror:    {}\nretries:  {}\nreason:   {}\nat:       {}\nreplayed: {}",
                 d.id,
                 d.queue,
                 d.task_id.as_deref().unwrap_or("-"),
                 d.task_name.as_deref().unwrap_or("-"),
+                d.error_type.as_deref().unwrap_or("-"),
+                d.retries.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
                 d.reason,
-                d.created_at
+                d.created_at,
+                d.replayed_as.as_deref().map(|t| format!("as task {t}")).unwrap_or_else(|| "no".into()),
             );
             match Message::from_wire(&d.payload) {
                 Ok(m) => {
@@ -186,12 +225,23 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
                 }
                 Err(_) => println!("raw:      {}", String::from_utf8_lossy(&d.payload)),
             }
+            if let Some(tb) = &d.traceback {
+                println!("traceback:\n{tb}");
+            }
         }
-        DlqAction::Replay { ids, all } => {
-            let ids =
-                if all { broker.dead_letters(usize::MAX >> 1).await?.into_iter().map(|d| d.id).collect() } else { ids };
+        DlqAction::Replay { ids, all, filter } => {
+            let filter = filter.parse()?;
+            if !ids.is_empty() && !filter.is_empty() {
+                return Err("give dead-letter ids or filters with --all, not both".into());
+            }
+            let ids = if all {
+                let letters = matching(app, &filter, usize::MAX >> 1).await?;
+                letters.into_iter().filter(|d| d.replayed_as.is_none()).map(|d| d.id).collect()
+            } else {
+                ids
+            };
             if ids.is_empty() {
-                return Err("nothing to replay: give dead-letter ids or --all".into());
+                return Err("nothing to replay: give dead-letter ids or --all (with filters)".into());
             }
             let bar = ProgressBar::new(ids.len() as u64).with_style(
                 ProgressStyle::with_template("replaying {bar:30} {pos}/{len} {msg}")
@@ -214,7 +264,18 @@ async fn dlq(app: &App, action: DlqAction) -> Result<ExitCode, Failure> {
                 return Ok(ExitCode::FAILURE);
             }
         }
-        DlqAction::Purge => println!("deleted {} dead letter(s)", broker.purge_dead_letters().await?),
+        DlqAction::Purge { filter } => {
+            let filter = filter.parse()?;
+            if filter.is_empty() {
+                println!("deleted {} dead letter(s)", broker.purge_dead_letters().await?);
+            } else {
+                let mut n = 0;
+                for d in matching(app, &filter, usize::MAX >> 1).await? {
+                    n += u64::from(broker.remove_dead_letter(&d.id).await?);
+                }
+                println!("deleted {n} dead letter(s)");
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! The command line: `worker`, `call`, `result`, `purge`, `dlq`, `inspect`.
+//! The command line: `worker`, `call`, `result`, `purge`, `dlq`, `revoke`, `inspect`.
 //!
 //! A user binary gets every subcommand with its own tasks registered:
 //!
@@ -106,6 +106,18 @@ pub enum Command {
     },
     /// Send scheduled tasks (`beat_schedule`); any number may run, one leads and sends.
     Beat(BeatArgs),
+    /// Revoke tasks for every worker (persisted in the broker, so restarts keep it).
+    Revoke {
+        /// Task ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Stop them if they are running.
+        #[arg(long)]
+        terminate: bool,
+        /// Seconds the revoke stays in force (default `worker_revoke_expires`, 10800).
+        #[arg(long)]
+        expires: Option<f64>,
+    },
     /// Look at queues and this binary's tasks.
     Inspect {
         /// What to show.
@@ -190,22 +202,50 @@ pub enum DlqAction {
         /// How many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
+        /// Which ones.
+        #[command(flatten)]
+        filter: DlqFilter,
     },
     /// Show one dead letter with its message.
     Show {
         /// Dead-letter id.
         id: String,
     },
-    /// Put dead letters back on their queues with a fresh retry budget.
+    /// Put dead letters back on their queues as new tasks (new id, fresh retry budget,
+    /// header `replayed_from`); the dead letter records `replayed_as`.
     Replay {
         /// Dead-letter ids.
         ids: Vec<String>,
-        /// Replay all of them.
+        /// Replay all of them not replayed yet (or all that match the filters).
         #[arg(long)]
         all: bool,
+        /// Which ones (with `--all`).
+        #[command(flatten)]
+        filter: DlqFilter,
     },
-    /// Delete every dead letter.
-    Purge,
+    /// Delete every dead letter (or those that match the filters).
+    Purge {
+        /// Which ones.
+        #[command(flatten)]
+        filter: DlqFilter,
+    },
+}
+
+/// Dead-letter filters; every one given must match.
+#[derive(Debug, Default, ClapArgs)]
+pub struct DlqFilter {
+    /// Task name.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Error type (`KeyError`, `Reject`, `NotRegistered`, ...).
+    #[arg(long)]
+    pub error: Option<String>,
+    /// Dead-lettered at or after: RFC 3339 or an age (`90s`, `15m`, `1h`, `2d`).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Dead-lettered before: RFC 3339 or an age.
+    #[arg(long)]
+    pub until: Option<String>,
 }
 
 /// `inspect` targets.

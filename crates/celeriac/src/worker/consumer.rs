@@ -14,7 +14,7 @@ use super::rate_limit::{RateLimit, RateLimiter};
 use super::state::WorkerState;
 use super::{Shutdown, WorkerOptions, WorkerStats};
 use crate::app::App;
-use crate::broker::Delivery;
+use crate::broker::{DeadLetterInfo, Delivery};
 use crate::protocol::{ExceptionInfo, Message, ResultMeta, State};
 use chrono::Utc;
 use std::collections::HashMap;
@@ -102,6 +102,10 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
         processed: processed.clone(),
     }));
     declare_queues(&ctx).await;
+    // Revokes persisted in the broker (sent while no worker ran, or before a restart) are
+    // known before the first message is taken.
+    let revoked_version = super::revoke::load(&ctx.app, &ctx.state).await;
+    let revokes = tokio::spawn(super::revoke::watch(ctx.app.clone(), ctx.state.clone(), revoked_version));
     let tracker = TaskTracker::new();
     let renewer = tokio::spawn(renew_leases(ctx.clone()));
     let cleaner = tokio::spawn(clean_expired_results(ctx.app.clone()));
@@ -124,6 +128,7 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
     }
     renewer.abort();
     cleaner.abort();
+    revokes.abort();
     heartbeats.abort();
     control.abort();
     ctx.events.offline(processed()).await;
@@ -227,10 +232,11 @@ async fn settle_ack(app: &App, d: &Delivery) {
 }
 
 /// Dead-letters a delivery, counting and logging it.
-async fn dead_letter(ctx: &Ctx, d: &Delivery, reason: &str) {
+async fn dead_letter(ctx: &Ctx, d: &Delivery, info: DeadLetterInfo) {
+    let reason = &info.reason;
     tracing::warn!(queue = %d.queue, %reason, "message dead-lettered");
     ctx.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = ctx.app.broker().dead_letter(d, reason).await {
+    if let Err(e) = ctx.app.broker().dead_letter_with(d, &info).await {
         tracing::error!(error = %e, %reason, "could not dead-letter message; it stays leased and will be redelivered");
     }
 }
@@ -244,24 +250,27 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
     let app = &ctx.app;
     let message = match Message::from_wire(&d.payload) {
         Ok(m) => m,
-        Err(e) => return dead_letter(ctx, d, &e.to_string()).await,
+        Err(e) => return dead_letter(ctx, d, DeadLetterInfo::new(e.to_string(), "DecodeError")).await,
     };
     let body = match message.task_body() {
         Ok(b) => b,
-        Err(e) => return dead_letter(ctx, d, &e.to_string()).await,
+        Err(e) => return dead_letter(ctx, d, DeadLetterInfo::new(e.to_string(), "DecodeError")).await,
     };
     let id = message.headers.id.clone();
+    // Revoked wins over unknown: the task was not meant to run here or anywhere.
+    if ctx.state.is_revoked(&id) {
+        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+    }
     let Some(task) = app.task(&message.headers.task).cloned() else {
         let name = &message.headers.task;
         let hint = app.suggest_task(name).map(|s| format!(" (did you mean {s:?}?)")).unwrap_or_default();
         let meta = ResultMeta::exception(&id, State::Failure, &ExceptionInfo::not_registered(name), None);
         let _ = app.backend().store(&meta, app.config().result_expires_duration()).await;
-        return dead_letter(ctx, d, &format!("unknown task {name:?}: not registered with this worker{hint}")).await;
+        let reason = format!("unknown task {name:?}: not registered with this worker{hint}");
+        return dead_letter(ctx, d, DeadLetterInfo::new(reason, "NotRegistered").retries(message.headers.retries))
+            .await;
     };
     let info = request_info(&message, &body, d.redelivered(), &ctx.options.hostname);
-    if ctx.state.is_revoked(&id) {
-        return revoked(ctx, d, (&message, &body), "revoked", false).await;
-    }
     if let Some(stamp) = revoked_by_stamp(ctx, &message) {
         tracing::info!(task_id = %id, %stamp, "discarding task revoked by stamped header");
         return revoked(ctx, d, (&message, &body), "revoked", false).await;
@@ -395,27 +404,51 @@ async fn run_reserved(
             }
         }
     }
-    let _permit = tokio::select! {
-        p = ctx.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
-        _ = ctx.shutdown.graceful_requested() => {
-            // Prefetched but never started: give it back.
-            let _ = app.broker().requeue(d, None).await;
-            return;
+    let shared = !app.shared_limits().is_empty() && !app.config().worker_disable_rate_limits;
+    let mut acked = false;
+    let _permit = loop {
+        let permit = tokio::select! {
+            p = ctx.slots.acquire() => match p { Ok(p) => p, Err(_) => return },
+            _ = ctx.shutdown.graceful_requested() => {
+                // Prefetched but never started: give it back.
+                return give_back(app, d, &message, acked, None).await;
+            }
+        };
+        if !effective.acks_late && !acked {
+            match app.broker().ack(d).await {
+                Ok(true) => ctx.held.mark_acked(&d.tag),
+                Ok(false) => {
+                    tracing::warn!(task_id = %id, "lease lost before start (another worker has it): skipping");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(task_id = %id, error = %e, "ack failed; not running (the message will be redelivered)");
+                    return;
+                }
+            }
+            acked = true;
         }
+        // Shared (global / per-key) limits: taken with the slot in hand and after the ack,
+        // right before the start, so a start follows its grant closely. Without room the slot
+        // is given back; a short wait (its turn is near) is slept here, a longer one in the
+        // broker, so the message holds no prefetch place.
+        let Some(wait) = (if shared {
+            app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs).await
+        } else {
+            None
+        }) else {
+            break permit;
+        };
+        drop(permit);
+        if wait <= super::shared_limit::WAIT_HERE {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = ctx.shutdown.graceful_requested() => return give_back(app, d, &message, acked, None).await,
+            }
+        }
+        tracing::debug!(task_id = %id, ?wait, "shared rate limit reached: back to the broker until its turn");
+        return give_back(app, d, &message, acked, Some(super::shared_limit::retry_at(wait))).await;
     };
-    if !effective.acks_late {
-        match app.broker().ack(d).await {
-            Ok(true) => ctx.held.mark_acked(&d.tag),
-            Ok(false) => {
-                tracing::warn!(task_id = %id, "lease lost before start (another worker has it): skipping");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(task_id = %id, error = %e, "ack failed; not running (the message will be redelivered)");
-                return;
-            }
-        }
-    }
     if ctx.state.is_revoked(&id) || revoked_by_stamp(ctx, &message).is_some() {
         return revoked(ctx, d, (&message, &body), "revoked", false).await;
     }
@@ -470,6 +503,19 @@ async fn run_reserved(
     let decision = executor::name_failure(decision, &call.request.task, &id);
     task_event(ctx, &id, &decision, started.elapsed().as_secs_f64()).await;
     apply(ctx, d, &call, decision).await;
+}
+
+/// Returns a message that did not start to its queue, due at `at`: the delivery itself, or (once
+/// acked, when a shared rate limit sent it back) a copy of its bytes.
+async fn give_back(app: &App, d: &Delivery, message: &Message, acked: bool, at: Option<chrono::DateTime<Utc>>) {
+    let done = if acked {
+        app.broker().publish_raw(&d.queue, &d.payload, message.properties.priority, at.unwrap_or_else(Utc::now)).await
+    } else {
+        app.broker().requeue(d, at).await
+    };
+    if let Err(e) = done {
+        tracing::warn!(task_id = %message.headers.id, error = %e, "could not give a message that did not start back to its queue");
+    }
 }
 
 async fn task_event(ctx: &Ctx, id: &str, decision: &Decision, runtime: f64) {
@@ -535,7 +581,8 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
                     let exc = ExceptionInfo::new("Reject", e.to_string(), crate::protocol::CELERY_EXCEPTIONS);
                     call.failed(&exc, None).await;
                     crate::canvas::dispatch::on_failure(call, &exc, None).await;
-                    dead_letter(ctx, d, &format!("retry could not be sent: {e}")).await;
+                    let info = DeadLetterInfo::new(format!("retry could not be sent: {e}"), "Reject");
+                    dead_letter(ctx, d, info.retries(call.request.retries)).await;
                 }
             }
         }
@@ -548,7 +595,8 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
                 let _ = broker.requeue(d, None).await;
             } else if ctx.app.config().worker_dead_letter_failures {
                 let reason = format!("failed after {} retries: {exc}", call.request.retries);
-                dead_letter(ctx, d, &reason).await;
+                let info = DeadLetterInfo::new(reason, exc.exc_type.clone());
+                dead_letter(ctx, d, info.traceback(traceback).retries(call.request.retries)).await;
             } else if late {
                 settle_ack(&ctx.app, d).await;
             }
@@ -574,7 +622,8 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             };
             call.failed(&exc, None).await;
             crate::canvas::dispatch::on_failure(call, &exc, None).await;
-            dead_letter(ctx, d, &format!("rejected by the task: {reason}")).await
+            let info = DeadLetterInfo::new(format!("rejected by the task: {reason}"), "Reject");
+            dead_letter(ctx, d, info.retries(call.request.retries)).await
         }
         Decision::Ignore => {
             if late {
@@ -586,7 +635,8 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             call.failed(&exc, None).await;
             crate::canvas::dispatch::on_failure(call, &exc, None).await;
             ctx.stats.failed.fetch_add(1, Ordering::Relaxed);
-            dead_letter(ctx, d, &format!("arguments do not fit: {e}")).await;
+            let info = DeadLetterInfo::new(format!("arguments do not fit: {e}"), "TypeError");
+            dead_letter(ctx, d, info.retries(call.request.retries)).await;
         }
     }
 }

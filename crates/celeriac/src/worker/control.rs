@@ -8,7 +8,7 @@ use super::events::Events;
 use super::state::WorkerState;
 use crate::app::App;
 use crate::protocol::pyjson::python_float_repr;
-use crate::protocol::{Envelope, ExceptionInfo, Message, ResultMeta, State, args_repr, py_repr};
+use crate::protocol::{Envelope, Message, args_repr, py_repr};
 use serde_json::{Map, Value, json};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -178,6 +178,13 @@ impl Control {
                 let ids = strings(args.get("task_id"));
                 let terminate =
                     method == "terminate" || args.get("terminate").and_then(Value::as_bool).unwrap_or(false);
+                // A revoke from Python (or an older sender) is persisted here, so it too
+                // outlives this worker; Celeriac's own sender did that already.
+                if !args.get(super::revoke::PERSISTED).and_then(Value::as_bool).unwrap_or(false)
+                    && let Err(e) = super::revoke::persist(&self.app, &ids, terminate, None).await
+                {
+                    tracing::warn!(error = %e, "could not persist the revoke in the broker");
+                }
                 return Some(self.revoke(&ids, terminate).await);
             }
             "revoke_by_stamped_headers" => return Some(self.revoke_by_stamped_headers(args)),
@@ -318,24 +325,8 @@ impl Control {
             self.state.revoke(id);
         }
         let running: HashSet<String> = ids_of(self.state.running());
-        let backend = self.app.backend();
-        for id in unique.iter().filter(|id| !running.contains(**id)) {
-            let stored = match backend.get(id).await {
-                Ok(meta) => meta.map_or(State::Pending, |m| m.status),
-                Err(e) => {
-                    tracing::warn!(task_id = %id, error = %e, "failed to mark task as revoked in the backend");
-                    continue;
-                }
-            };
-            if !matches!(stored, State::Pending | State::Received | State::Retry | State::Rejected) {
-                continue;
-            }
-            let mut meta = ResultMeta::exception(*id, State::Revoked, &ExceptionInfo::revoked("revoked"), None);
-            meta.children = None;
-            if let Err(e) = backend.store(&meta, self.app.config().result_expires_duration()).await {
-                tracing::warn!(task_id = %id, error = %e, "failed to mark task as revoked in the backend");
-            }
-        }
+        let idle: Vec<&str> = unique.iter().copied().filter(|id| !running.contains(*id)).collect();
+        super::revoke::store_revoked(&self.app, &idle).await;
         if terminate {
             let reserved = ids_of(self.state.reserved());
             // A reserved one is stopped too: it is revoked, so it will not start.

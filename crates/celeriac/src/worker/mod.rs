@@ -2,7 +2,8 @@
 //! with back-off, dead-letters what cannot run, and shuts down without losing work.
 //!
 //! `consumer` (fetch, prefetch, leases, settle), `executor` (one run, panics, time limits,
-//! retry decision), `outcome` (records and hooks), `rate_limit`, `shutdown`, `eager`.
+//! retry decision), `outcome` (records and hooks), `rate_limit`, `shared_limit` (limits shared by
+//! all workers), `revoke` (revokes persisted in the broker), `shutdown`, `eager`.
 
 mod consumer;
 mod control;
@@ -11,6 +12,8 @@ mod events;
 mod executor;
 mod outcome;
 mod rate_limit;
+pub(crate) mod revoke;
+pub(crate) mod shared_limit;
 mod shutdown;
 mod state;
 
@@ -22,11 +25,20 @@ pub(crate) async fn revoke_everywhere(app: &App, ids: &[String]) {
     if ids.is_empty() {
         return;
     }
-    if let Err(e) = control::broadcast(app, "revoke", serde_json::json!({"task_id": ids, "terminate": false})).await {
+    let persisted = match revoke::persist(app, ids, false, None).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not persist the revoke in the broker");
+            false
+        }
+    };
+    let args = serde_json::json!({"task_id": ids, "terminate": false, revoke::PERSISTED: persisted});
+    if let Err(e) = control::broadcast(app, "revoke", args).await {
         tracing::warn!(error = %e, "could not broadcast revoke");
     }
 }
 pub use rate_limit::RateLimit;
+pub use shared_limit::{KeyFn, RateKey};
 pub use shutdown::Shutdown;
 
 use crate::app::App;

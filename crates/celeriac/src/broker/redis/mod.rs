@@ -21,16 +21,18 @@
 //!   sorted set (not in `unacked`), and is moved back to its queue when due, so a long ETA never
 //!   outlives the visibility timeout and never runs twice.
 //! - Dead letters: `celeriac.dead_letters` (hash) and `celeriac.dead_letters.index` (by time).
+//! - Revokes and shared rate buckets: `celeriac.revoked*`, `celeriac.rate.<key>` (`ops.rs`).
 
 mod blocking;
 mod layout;
 mod maintenance;
+mod ops;
 mod scripts;
 pub(crate) mod url;
 
 pub use layout::{PRIORITY_STEPS, SEP, queue_key};
 
-use super::{Broker, BrokerError, DeadLetter, Delivery, Parked, QueueStats, peek_ids};
+use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, Parked, QueueStats, Revoked, peek_ids};
 use crate::config::Config;
 use crate::protocol::Message;
 use async_trait::async_trait;
@@ -617,6 +619,10 @@ impl Broker for RedisBroker {
     }
 
     async fn dead_letter(&self, delivery: &Delivery, reason: &str) -> Result<(), BrokerError> {
+        self.dead_letter_with(delivery, &DeadLetterInfo { reason: reason.to_owned(), ..Default::default() }).await
+    }
+
+    async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
         let me = &self.inner;
         let mut conn = me.conn();
         let id: i64 =
@@ -625,7 +631,8 @@ impl Broker for RedisBroker {
         let now = Utc::now().timestamp_millis();
         let record = serde_json::json!({
             "id": id.to_string(), "queue": delivery.queue, "task_id": task_id, "task_name": task_name,
-            "reason": reason, "payload": String::from_utf8_lossy(&delivery.payload), "created_at": now,
+            "reason": info.reason, "error_type": info.error_type, "traceback": info.traceback,
+            "retries": info.retries, "payload": String::from_utf8_lossy(&delivery.payload), "created_at": now,
         });
         let mut pipe = redis::pipe();
         pipe.atomic().cmd("HSET").arg(&me.keys.dead).arg(id).arg(record.to_string()).ignore();
@@ -634,6 +641,56 @@ impl Broker for RedisBroker {
         pipe.query_async::<()>(&mut conn).await.map_err(err("dead-letter"))?;
         me.settled(&delivery.tag);
         Ok(())
+    }
+
+    async fn mark_dead_letter_replayed(&self, id: &str, task_id: &str) -> Result<bool, BrokerError> {
+        let me = &self.inner;
+        let raw: Option<String> = redis::cmd("HGET")
+            .arg(&me.keys.dead)
+            .arg(id)
+            .query_async(&mut me.conn())
+            .await
+            .map_err(err("read dead letter"))?;
+        let Some(mut record) = raw.and_then(|r| serde_json::from_str::<Value>(&r).ok()) else { return Ok(false) };
+        if let Some(map) = record.as_object_mut() {
+            map.insert("replayed_as".into(), task_id.into());
+        }
+        redis::cmd("HSET")
+            .arg(&me.keys.dead)
+            .arg(id)
+            .arg(record.to_string())
+            .query_async::<()>(&mut me.conn())
+            .await
+            .map_err(err("mark dead letter replayed"))?;
+        Ok(true)
+    }
+
+    async fn persist_revoked(
+        &self,
+        ids: &[String],
+        terminate: bool,
+        expires_at: DateTime<Utc>,
+    ) -> Result<bool, BrokerError> {
+        self.inner.persist_revoked(ids, terminate, expires_at).await?;
+        Ok(true)
+    }
+
+    async fn revoked_version(&self) -> Result<u64, BrokerError> {
+        self.inner.revoked_version().await
+    }
+
+    async fn persisted_revoked(&self) -> Result<Vec<Revoked>, BrokerError> {
+        self.inner.persisted_revoked().await
+    }
+
+    async fn rate_limit_acquire(
+        &self,
+        key: &str,
+        waiter: &str,
+        interval: Duration,
+        burst: u32,
+    ) -> Result<Duration, BrokerError> {
+        self.inner.rate_limit_acquire(key, waiter, interval, burst).await
     }
 
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
@@ -670,6 +727,10 @@ impl Broker for RedisBroker {
                 task_id: text("task_id"),
                 task_name: text("task_name"),
                 reason: text("reason").unwrap_or_default(),
+                error_type: text("error_type"),
+                traceback: text("traceback"),
+                retries: v.get("retries").and_then(Value::as_u64).map(|n| n.min(u64::from(u32::MAX)) as u32),
+                replayed_as: text("replayed_as"),
                 payload: text("payload").unwrap_or_default().into_bytes(),
                 created_at: Utc
                     .timestamp_millis_opt(v.get("created_at").and_then(Value::as_i64).unwrap_or(0))
