@@ -3,8 +3,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use celery::prelude::*;
 use celeriac_peers::{report, Args};
+use celery::prelude::*;
 
 static DONE: AtomicUsize = AtomicUsize::new(0);
 static TARGET: AtomicUsize = AtomicUsize::new(usize::MAX);
