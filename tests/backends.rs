@@ -61,12 +61,20 @@ async fn sqlite_backend_contract() {
 }
 
 /// Processes that open a new SQLite file at the same moment (a worker and a `call --wait`
-/// started together) all get a working backend: none of them fails on the schema.
+/// started together) all get a working broker and backend: none fails on the schema or on
+/// SQLite's immediate "database is locked" while the file turns to WAL.
 #[tokio::test]
 async fn sqlite_backends_opening_a_new_file_together_all_work() {
     for round in 0..10 {
         let (_dir, url) = common::sqlite_url();
-        let opened = futures::future::join_all((0..4).map(|_| celeriac::backend::from_url(&url))).await;
+        let config = celeriac::Config::default();
+        let brokers = (0..3).map(|_| celeriac::broker::from_url(&url, &config));
+        let backends = (0..4).map(|_| celeriac::backend::from_url(&url));
+        let (brokers, opened) =
+            futures::future::join(futures::future::join_all(brokers), futures::future::join_all(backends)).await;
+        for (i, broker) in brokers.into_iter().enumerate() {
+            broker.unwrap_or_else(|e| panic!("round {round}, broker {i}: {e}"));
+        }
         for (i, backend) in opened.into_iter().enumerate() {
             let backend = backend.unwrap_or_else(|e| panic!("round {round}, opener {i}: {e}"));
             let id = format!("t-{round}-{i}");

@@ -3,7 +3,8 @@
 //! the file.
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
-use std::time::Duration;
+use std::future::Future;
+use std::time::{Duration, Instant};
 
 /// The file path in a `sqlite://` URL.
 pub(crate) fn path_of(url: &str) -> &str {
@@ -19,7 +20,38 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePool, sqlx::Error> {
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Normal)
         .busy_timeout(Duration::from_secs(10));
-    SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options).await
+    retry_locked(|| SqlitePoolOptions::new().max_connections(4).min_connections(1).connect_with(options.clone())).await
+}
+
+/// Runs `step` again while SQLite answers "database is locked" at once (it does so, without
+/// waiting out the busy timeout, when processes open a new file together and switch it to WAL
+/// or create its tables at the same moment), for up to 10 s.
+pub(crate) async fn retry_locked<T, F, Fut>(mut step: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut pause = Duration::from_millis(5);
+    loop {
+        match step().await {
+            Err(e) if is_locked(&e) && Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            done => return done,
+        }
+    }
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED.
+fn is_locked(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("5" | "6" | "261" | "517")) || d.message().contains("database is locked")
+        }
+        _ => false,
+    }
 }
 
 /// Milliseconds since the Unix epoch.

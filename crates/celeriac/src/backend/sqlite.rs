@@ -59,28 +59,32 @@ fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
     move |e| BackendError::storage(operation, e)
 }
 
+/// Creates the tables (a no-op when they are there) and adds columns older files lack.
+async fn create_schema(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+    // Files made before `add_to_chord` lack the column; it is added once. New files have it
+    // from the start, so two processes opening a new file never race to add it.
+    let has_added = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
+        .fetch_optional(pool)
+        .await?
+        .is_some();
+    if !has_added {
+        // Another process opening the same old file may add it first.
+        if let Err(e) =
+            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0").execute(pool).await
+            && !e.to_string().contains("duplicate column name")
+        {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 impl SqliteBackend {
     /// Opens (creating if needed) the database in `url`.
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let pool = open(url).await.map_err(err("open"))?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
-        // Files made before `add_to_chord` lack the column; it is added once. New files have it
-        // from the start, so two processes opening a new file never race to add it.
-        let has_added: bool = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
-            .fetch_optional(&pool)
-            .await
-            .map_err(err("create schema"))?
-            .is_some();
-        if !has_added {
-            // Another process opening the same old file may add it first.
-            if let Err(e) = sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
-                .execute(&pool)
-                .await
-                && !e.to_string().contains("duplicate column name")
-            {
-                return Err(err("create schema")(e));
-            }
-        }
+        crate::sqlite_common::retry_locked(|| create_schema(&pool)).await.map_err(err("create schema"))?;
         Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
     }
 }

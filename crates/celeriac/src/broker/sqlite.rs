@@ -38,7 +38,11 @@ CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     task_name TEXT,
     reason TEXT NOT NULL,
     payload BLOB NOT NULL,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    error_type TEXT,
+    traceback TEXT,
+    retries INTEGER,
+    replayed_as TEXT
 );
 CREATE TABLE IF NOT EXISTS celeriac_revoked (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,6 +66,29 @@ CREATE TABLE IF NOT EXISTS celeriac_rate_waiters (
 /// Columns added to `celeriac_dead_letters` after its first release (added to older files
 /// when they are opened).
 const DEAD_LETTER_COLUMNS: &[&str] = &["error_type TEXT", "traceback TEXT", "retries INTEGER", "replayed_as TEXT"];
+
+/// Creates the tables (a no-op when they are there) and adds the columns older files lack.
+async fn create_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+    for column in DEAD_LETTER_COLUMNS {
+        let name = column.split_whitespace().next().unwrap_or_default();
+        let present = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_dead_letters') WHERE name = ?")
+            .bind(name)
+            .fetch_optional(pool)
+            .await?
+            .is_some();
+        if present {
+            continue;
+        }
+        let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await
+            && !e.to_string().contains("duplicate column")
+        {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
 
 /// The SQLite broker.
 #[derive(Debug)]
@@ -87,15 +114,7 @@ impl SqliteBroker {
     /// `visibility_timeout` (lease seconds, default 10), `polling_interval` (seconds, 0.1).
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
-        sqlx::raw_sql(SCHEMA).execute(&pool).await.map_err(err("create schema"))?;
-        for column in DEAD_LETTER_COLUMNS {
-            let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
-            if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&pool).await
-                && !e.to_string().contains("duplicate column")
-            {
-                return Err(BrokerError::storage("create schema", e));
-            }
-        }
+        crate::sqlite_common::retry_locked(|| create_schema(&pool)).await.map_err(err("create schema"))?;
         let secs = |name: &str, default: f64| {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };

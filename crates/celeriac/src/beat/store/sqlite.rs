@@ -45,7 +45,7 @@ impl SqliteStore {
                 name TEXT NOT NULL, entry TEXT NOT NULL, tick_ms INTEGER NOT NULL, token INTEGER NOT NULL,
                 PRIMARY KEY (name, entry))",
         ] {
-            sqlx::query(ddl).execute(&pool).await.map_err(err("create tables"))?;
+            sqlite_common::retry_locked(|| sqlx::query(ddl).execute(&pool)).await.map_err(err("create tables"))?;
         }
         Ok(SqliteStore { pool, url: url.to_owned() })
     }
