@@ -63,10 +63,34 @@ async fn leak(mib: usize) -> TaskResult<u32> {
     Ok(std::process::id())
 }
 
+/// Ends its process with exit code 3 in the middle of the task.
+#[task(name = "pool.crash")]
+async fn crash() -> TaskResult<()> {
+    std::process::exit(3)
+}
+
+/// Asks for a retry on its first run (when `marker` does not exist yet), succeeds on the second.
+#[task(name = "pool.flaky")]
+async fn flaky(marker: String) -> TaskResult<u32> {
+    if std::fs::metadata(&marker).is_err() {
+        std::fs::write(&marker, "tried")?;
+        return Err(celeriac::TaskError::retry().countdown(0.0).into());
+    }
+    Ok(std::process::id())
+}
+
 fn main() -> ExitCode {
     if std::env::var_os(AS_CLI).is_some() {
         return celeriac::cli::main(
-            App::builder().from_env().task(spin).task(sleep_sync).task(soft).task(whoami).task(leak),
+            App::builder()
+                .from_env()
+                .task(spin)
+                .task(sleep_sync)
+                .task(soft)
+                .task(whoami)
+                .task(leak)
+                .task(crash)
+                .task(flaky),
         );
     }
     support::run_tests(&[
@@ -75,6 +99,10 @@ fn main() -> ExitCode {
         ("async_pool_marks_a_blocking_task_at_its_hard_limit", async_pool_marks_a_blocking_task_at_its_hard_limit),
         ("children_are_replaced_after_max_tasks_per_child", children_are_replaced_after_max_tasks_per_child),
         ("a_child_over_max_memory_per_child_is_replaced", a_child_over_max_memory_per_child_is_replaced),
+        (
+            "a_dying_child_fails_its_task_and_retries_cross_the_pool",
+            a_dying_child_fails_its_task_and_retries_cross_the_pool,
+        ),
     ])
 }
 
@@ -249,4 +277,24 @@ fn a_child_over_max_memory_per_child_is_replaced() {
     println!("memory limit 100000 KiB: child {leaker} leaked 150 MiB, replaced by {after}");
     assert_ne!(after, leaker, "the child over the limit was replaced");
     assert_ne!(after, worker.pid());
+}
+
+fn a_dying_child_fails_its_task_and_retries_cross_the_pool() {
+    let env = Env::new();
+    let worker = env.worker(&["-c", "1", "--pool", "process"]);
+    let client = Client::new(&env);
+    let first = client.pid();
+    let crashed = client.send(crash::s());
+    let (exc_type, module, message) = client.failure(&crashed);
+    assert_eq!((exc_type.as_str(), module.as_str()), ("WorkerLostError", "billiard.exceptions"));
+    assert_eq!(message, "Worker exited prematurely: exitcode 3");
+    let replacement = client.pid();
+    assert!(![first, worker.pid()].contains(&replacement), "a new child took over: {replacement}");
+    // A retry asked for in a child is published by the worker, and the retry runs.
+    let marker = env.path("flaky.txt");
+    let res = client.send(flaky::s(marker.display().to_string()));
+    assert_eq!(client.rt.block_on(res.get::<u32>(WAIT)).unwrap(), replacement);
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "tried", "the first run asked for the retry");
+    let meta = client.rt.block_on(res.meta()).unwrap();
+    assert_eq!(meta.status, celeriac::State::Success);
 }

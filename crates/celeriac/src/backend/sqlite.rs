@@ -70,10 +70,16 @@ impl SqliteBackend {
             .map_err(err("create schema"))?
             .is_some();
         if !has_added {
-            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
+            // Processes opening a new file at the same time (a worker and its pool processes)
+            // race to add it: one wins, the others find it there.
+            match sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
                 .execute(&pool)
                 .await
-                .map_err(err("create schema"))?;
+            {
+                Ok(_) => {}
+                Err(e) if e.to_string().contains("duplicate column name") => {}
+                Err(e) => return Err(err("create schema")(e)),
+            }
         }
         Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
     }

@@ -378,6 +378,14 @@ impl ProcessPool {
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn the_process_pool_needs_a_binary_that_can_serve_as_its_children() {
+        // Nothing here called `celeriac::cli::main`: starting this test binary again would not
+        // give a pool process, so the pool refuses to start.
+        let Err(e) = ProcessPool::start(1, Recycle::default(), "w".into()).await else { panic!("started") };
+        assert!(e.to_string().contains("celeriac::cli::main"), "{e}");
+    }
+
     #[test]
     fn pool_names() {
         assert_eq!(Pool::parse("process"), Some(Pool::Process));
