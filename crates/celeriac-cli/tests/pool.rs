@@ -103,6 +103,7 @@ fn main() -> ExitCode {
             "a_dying_child_fails_its_task_and_retries_cross_the_pool",
             a_dying_child_fails_its_task_and_retries_cross_the_pool,
         ),
+        ("an_immediate_shutdown_kills_the_busy_child", an_immediate_shutdown_kills_the_busy_child),
     ])
 }
 
@@ -113,6 +114,8 @@ struct Client {
 }
 
 impl Client {
+    /// Made before the worker starts, so the file and its tables exist before several
+    /// processes open it at once.
     fn new(env: &Env) -> Self {
         let rt = tokio::runtime::Runtime::new().unwrap();
         let app = rt
@@ -177,8 +180,8 @@ async fn time_to_failure(res: AsyncResult, marker: std::path::PathBuf) -> (f64, 
 
 fn hard_limit_kills_a_spinning_and_a_sleeping_task() {
     let env = Env::new();
-    let mut worker = env.worker(&["-c", "2", "--pool", "process"]);
     let client = Client::new(&env);
+    let mut worker = env.worker(&["-c", "2", "--pool", "process"]);
     let first = client.pid();
     assert_ne!(first, worker.pid(), "tasks run in a pool process, not in the worker");
 
@@ -213,8 +216,8 @@ fn hard_limit_kills_a_spinning_and_a_sleeping_task() {
 fn soft_limit_lets_the_task_clean_up_in_both_pools() {
     for pool in ["process", "async"] {
         let env = Env::new();
-        let mut worker = env.worker(&["-c", "1", "--pool", pool]);
         let client = Client::new(&env);
+        let mut worker = env.worker(&["-c", "1", "--pool", pool]);
         let marker = env.path("cleanup.txt");
         let started = Instant::now();
         let res = client.send(soft::s(marker.display().to_string()));
@@ -233,8 +236,8 @@ fn soft_limit_lets_the_task_clean_up_in_both_pools() {
 
 fn async_pool_marks_a_blocking_task_at_its_hard_limit() {
     let env = Env::new();
-    let mut worker = env.worker(&["-c", "2"]);
     let client = Client::new(&env);
+    let mut worker = env.worker(&["-c", "2"]);
     let marker = env.path("sleep.pid");
     let res = client.send(sleep_sync::s(marker.display().to_string()).set("time_limit", 1));
     let (took, ran_in, exc) = client.rt.block_on(time_to_failure(res, marker));
@@ -251,8 +254,8 @@ fn async_pool_marks_a_blocking_task_at_its_hard_limit() {
 
 fn children_are_replaced_after_max_tasks_per_child() {
     let env = Env::new();
-    let worker = env.worker(&["-c", "1", "--pool", "process", "--max-tasks-per-child", "3"]);
     let client = Client::new(&env);
+    let worker = env.worker(&["-c", "1", "--pool", "process", "--max-tasks-per-child", "3"]);
     let pids: Vec<u32> = (0..7).map(|_| client.pid()).collect();
     println!("pids with max 3 tasks per child: {pids:?}");
     assert!(!pids.contains(&worker.pid()));
@@ -266,8 +269,8 @@ fn children_are_replaced_after_max_tasks_per_child() {
 fn a_child_over_max_memory_per_child_is_replaced() {
     let env = Env::new();
     // 100 MB in KiB, as Celery counts it: well above an idle child, below one that leaked 150 MiB.
-    let worker = env.worker(&["-c", "1", "--pool", "process", "--max-memory-per-child", "100000"]);
     let client = Client::new(&env);
+    let worker = env.worker(&["-c", "1", "--pool", "process", "--max-memory-per-child", "100000"]);
     let before = [client.pid(), client.pid()];
     assert_eq!(before[0], before[1], "an idle child stays under the limit");
     let leaked = client.send(leak::s(150));
@@ -281,8 +284,8 @@ fn a_child_over_max_memory_per_child_is_replaced() {
 
 fn a_dying_child_fails_its_task_and_retries_cross_the_pool() {
     let env = Env::new();
-    let worker = env.worker(&["-c", "1", "--pool", "process"]);
     let client = Client::new(&env);
+    let worker = env.worker(&["-c", "1", "--pool", "process"]);
     let first = client.pid();
     let crashed = client.send(crash::s());
     let (exc_type, module, message) = client.failure(&crashed);
@@ -297,4 +300,27 @@ fn a_dying_child_fails_its_task_and_retries_cross_the_pool() {
     assert_eq!(std::fs::read_to_string(&marker).unwrap(), "tried", "the first run asked for the retry");
     let meta = client.rt.block_on(res.meta()).unwrap();
     assert_eq!(meta.status, celeriac::State::Success);
+}
+
+fn an_immediate_shutdown_kills_the_busy_child() {
+    let env = Env::new();
+    let client = Client::new(&env);
+    let mut worker = env.worker(&["-c", "1", "--pool", "process"]);
+    let marker = env.path("sleep.pid");
+    // No time limit: only the shutdown can stop it.
+    let res = client.send(sleep_sync::s(marker.display().to_string()));
+    let child: u32 = loop {
+        if let Ok(pid) = std::fs::read_to_string(&marker).unwrap_or_default().trim().parse() {
+            break pid;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    worker.terminate();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(process_alive(child), "a graceful stop lets the running task go on");
+    worker.terminate();
+    assert!(worker.exited_within(Duration::from_secs(10)), "the second SIGTERM stops at once:\n{}", worker.log());
+    assert!(!process_alive(child), "the child running the task was killed");
+    let (exc_type, _, _) = client.failure(&res);
+    assert_eq!(exc_type, "WorkerLostError");
 }

@@ -103,6 +103,25 @@ impl WorkerProcess {
         self.child.as_ref().map(Child::id).unwrap_or_default()
     }
 
+    /// Sends SIGTERM (a second one asks for an immediate stop).
+    pub fn terminate(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.pid().to_string()]).status();
+    }
+
+    /// Waits up to `within` for the process to exit; whether it did.
+    pub fn exited_within(&mut self, within: Duration) -> bool {
+        let Some(child) = self.child.as_mut() else { return true };
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                self.child = None;
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
+    }
+
     /// What the worker logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
