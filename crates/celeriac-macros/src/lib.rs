@@ -26,6 +26,7 @@ const OPTIONS: &[&str] = &[
     "rate_limit",
     "queue",
     "priority",
+    "blocking",
     "bind",
     "on_success",
     "on_retry",
@@ -37,8 +38,9 @@ const OPTIONS: &[&str] = &[
 /// unlimited), `default_retry_delay` (180), `autoretry_for` (list of error type names),
 /// `retry_backoff` (`true` or a factor), `retry_backoff_max` (600), `retry_jitter` (true),
 /// `acks_late`, `ignore_result`, `track_started`, `time_limit`, `soft_time_limit`,
-/// `rate_limit` (`"10/s"`), `queue`, `priority`, `bind` (first parameter is the
-/// `celeriac::Request`), and hooks `on_success`, `on_retry`, `on_failure`, `after_return`
+/// `rate_limit` (`"10/s"`), `queue`, `priority`, `blocking` (*Celeriac*: the body blocks
+/// instead of awaiting, so it runs on a blocking thread, or in a child process with the
+/// process pool), `bind` (first parameter is the `celeriac::Request`), and hooks `on_success`, `on_retry`, `on_failure`, `after_return`
 /// (paths to plain functions):
 ///
 /// - `on_success`: `fn(&celeriac::Request, &serde_json::Value)` (the encoded return value)
@@ -479,6 +481,7 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
     let soft_time_limit = opt_f64("soft_time_limit")?;
     let rate_limit = opt_string("rate_limit")?;
     let queue = opt_string("queue")?;
+    let blocking = opts.flag("blocking")?.unwrap_or(false);
     Ok(quote!(::celeriac::TaskOptions {
         retry: ::celeriac::retry::RetryPolicy {
             max_retries: #max_retries,
@@ -494,6 +497,7 @@ fn options_tokens(opts: &Options) -> syn::Result<Tokens> {
         rate_limit: #rate_limit,
         queue: #queue,
         priority: #priority,
+        blocking: #blocking,
     }))
 }
 

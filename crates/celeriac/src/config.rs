@@ -74,6 +74,14 @@ pub struct Config {
     pub worker_dead_letter_failures: bool,
     /// Send `task-*` events (monitoring such as Flower turns them on by itself).
     pub worker_send_task_events: bool,
+    /// Where tasks run: `"async"` (the worker's tokio runtime, the default) or `"process"`
+    /// (child processes that are killed at the hard time limit; `"prefork"` is accepted too).
+    pub worker_pool: String,
+    /// With the process pool: tasks a child runs before it is replaced (none by default).
+    pub worker_max_tasks_per_child: Option<u64>,
+    /// With the process pool: resident memory in KiB above which a child is replaced after
+    /// the task that crossed it (none by default).
+    pub worker_max_memory_per_child: Option<u64>,
     /// Tasks sent by a running task get its priority when they have none.
     pub task_inherit_parent_priority: bool,
     /// A chord's `link_error` also goes to each header task (Celery's default false).
@@ -124,6 +132,9 @@ impl Default for Config {
             worker_disable_rate_limits: false,
             worker_dead_letter_failures: true,
             worker_send_task_events: false,
+            worker_pool: "async".to_owned(),
+            worker_max_tasks_per_child: None,
+            worker_max_memory_per_child: None,
             task_inherit_parent_priority: false,
             task_allow_error_cb_on_chord_header: false,
             result_chord_join_timeout: 3.0,
@@ -169,7 +180,13 @@ pub enum ConfigError {
 }
 
 /// Environment variables that are not settings but belong to Celeriac.
-const RESERVED_ENV: &[&str] = &["CELERIAC_CONFIG", "CELERIAC_LOG", "CELERIAC_LOG_FORMAT", "CELERIAC_REQUIRE_SERVICES"];
+const RESERVED_ENV: &[&str] = &[
+    "CELERIAC_CONFIG",
+    "CELERIAC_LOG",
+    "CELERIAC_LOG_FORMAT",
+    "CELERIAC_REQUIRE_SERVICES",
+    crate::worker::POOL_CHILD_ENV,
+];
 
 impl Config {
     /// Every setting name, sorted.
@@ -357,6 +374,9 @@ const SETTINGS: &[(&str, Kind)] = &[
     ("worker_dead_letter_failures", Kind::Bool),
     ("worker_disable_prefetch", Kind::Bool),
     ("worker_disable_rate_limits", Kind::Bool),
+    ("worker_max_memory_per_child", Kind::PositiveCount),
+    ("worker_max_tasks_per_child", Kind::PositiveCount),
+    ("worker_pool", Kind::Text),
     ("worker_prefetch_multiplier", Kind::Count),
     ("worker_revoke_expires", Kind::Seconds),
     ("worker_send_task_events", Kind::Bool),
@@ -446,6 +466,9 @@ fn invalid(key: &str, kind: Kind, value: &toml::Value, written: &str) -> Option<
     match (key, kind) {
         ("task_serializer", _) if value.as_str() != Some("json") => {
             problem(format!("got {written}, expected \"json\" (the only serializer Celeriac supports)"))
+        }
+        ("worker_pool", _) if value.as_str().is_none_or(|p| crate::worker::Pool::parse(p).is_none()) => {
+            problem(format!("got {written}, expected \"async\" or \"process\" (\"prefork\" means \"process\")"))
         }
         ("accept_content", _)
             if value
@@ -603,6 +626,9 @@ mod tests {
                 &["`task_routes`", "a table of task name or glob to queue name"],
             ),
             ("CELERIAC_ACCEPT_CONTENT", "[\"pickle\"]", &["pickle", "expected [\"json\"] (the only content type"]),
+            ("CELERIAC_WORKER_POOL", "threads", &["`worker_pool`", "got \"threads\"", "\"async\" or \"process\""]),
+            ("CELERIAC_WORKER_MAX_TASKS_PER_CHILD", "0", &["got \"0\"", "whole number (1 or more)"]),
+            ("CELERIAC_WORKER_MAX_MEMORY_PER_CHILD", "lots", &["got \"lots\"", "whole number (1 or more)"]),
         ];
         for (var, raw, needles) in cases {
             let err = env_error(var, raw);
@@ -633,6 +659,8 @@ mod tests {
                 ("CELERIAC_BROKER_TRANSPORT_OPTIONS", "{ visibility_timeout = 1.5, polling_interval = 1 }"),
                 // Text settings take the text as written, even when it looks like a number.
                 ("CELERIAC_TASK_DEFAULT_QUEUE", "2024"),
+                ("CELERIAC_WORKER_POOL", "prefork"),
+                ("CELERIAC_WORKER_MAX_MEMORY_PER_CHILD", "200000"),
             ]
             .map(|(k, v)| (k.to_owned(), v.to_owned())),
         )
@@ -645,6 +673,7 @@ mod tests {
         assert_eq!(c.task_time_limit, Some(30.0));
         assert_eq!(c.transport_seconds("visibility_timeout"), Some(1.5));
         assert_eq!(c.task_default_queue, "2024");
+        assert_eq!((c.worker_pool.as_str(), c.worker_max_memory_per_child), ("prefork", Some(200_000)));
     }
 
     #[test]
@@ -693,6 +722,9 @@ mod tests {
             worker_disable_rate_limits: false,
             worker_dead_letter_failures: true,
             worker_send_task_events: false,
+            worker_pool: "process".to_owned(),
+            worker_max_tasks_per_child: Some(1),
+            worker_max_memory_per_child: Some(1),
             task_inherit_parent_priority: false,
             task_allow_error_cb_on_chord_header: false,
             result_chord_join_timeout: 3.0,

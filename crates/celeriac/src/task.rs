@@ -73,6 +73,10 @@ pub struct TaskOptions {
     pub queue: Option<String>,
     /// Default priority (0-9).
     pub priority: Option<u8>,
+    /// *Celeriac*: the body blocks (CPU-bound or synchronous I/O) instead of awaiting. In the
+    /// async pool it runs on a blocking thread so it does not stall other tasks; only the
+    /// process pool (`worker_pool = "process"`) can stop it at its hard time limit.
+    pub blocking: bool,
 }
 
 /// A task made from a closure: for tasks defined at run time, with names and parameters
@@ -222,6 +226,8 @@ pub struct Request {
     pub is_eager: bool,
     pub(crate) app: App,
     pub(crate) soft_limit: CancellationToken,
+    /// The soft limit in force for this run, in seconds.
+    pub(crate) soft_limit_seconds: Option<f64>,
     /// Results of what this run sent (Celery's `request.children`), as result tuples.
     pub(crate) children: Arc<Mutex<Vec<Value>>>,
     /// The message being run (`None` when called inline).
@@ -252,9 +258,15 @@ impl Request {
         self.soft_limit.cancelled().await;
     }
 
-    /// Whether the soft time limit has passed.
+    /// Whether the soft time limit has passed. A blocking task checks this between steps.
     pub fn is_soft_time_limit_exceeded(&self) -> bool {
         self.soft_limit.is_cancelled()
+    }
+
+    /// The error to return once the soft limit is reached (after cleaning up):
+    /// `billiard.exceptions.SoftTimeLimitExceeded` with the limit in force for this run.
+    pub fn soft_time_limit_exceeded(&self) -> TaskError {
+        TaskError::soft_time_limit_exceeded(self.soft_limit_seconds.unwrap_or_default())
     }
 
     /// Stores a custom state with metadata, e.g. `("PROGRESS", {"done": 5, "total": 10})`,
@@ -287,6 +299,7 @@ impl Request {
             is_eager: false,
             app: app.clone(),
             soft_limit: CancellationToken::new(),
+            soft_limit_seconds: None,
             children: Default::default(),
             message: None,
             embed: None,

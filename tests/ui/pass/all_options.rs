@@ -28,6 +28,7 @@ fn returned(_request: &Request, _state: &State, _result: &Value) {}
     rate_limit = "10/s",
     queue = "reports",
     priority = 9,
+    blocking,
     bind = true,
     on_success = succeeded,
     on_retry = retrying,
@@ -69,12 +70,14 @@ fn main() {
     assert_eq!(options.rate_limit.as_deref(), Some("10/s"));
     assert_eq!(options.queue.as_deref(), Some("reports"));
     assert_eq!(options.priority, Some(9));
+    assert!(options.blocking);
     assert_eq!(Task::name(&everything), "tests.everything");
     assert_eq!(everything::name(), "tests.everything");
 
     let options = add.options();
     assert_eq!(options.retry.max_retries, None);
     assert_eq!(options.retry.backoff, Some(Backoff { factor: 2, maximum: 600, jitter: true }));
+    assert!(!options.blocking, "not blocking unless asked");
 
     // Without `name`, a task is named after its module path and function, joined with `.`.
     // trybuild builds each case as its own crate with a generated name (`trybuild008`), so

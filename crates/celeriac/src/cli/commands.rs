@@ -12,14 +12,27 @@ use std::time::Duration;
 
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
-/// Builds the app with CLI overrides and runs the subcommand.
-pub(super) async fn run(mut builder: AppBuilder, cli: Cli) -> Result<ExitCode, Failure> {
+/// The broker and backend given on the command line.
+fn with_urls(mut builder: AppBuilder, cli: &Cli) -> AppBuilder {
     if let Some(b) = &cli.broker {
         builder = builder.broker_url(b);
     }
     if let Some(b) = &cli.backend {
         builder = builder.result_backend(b);
     }
+    builder
+}
+
+/// A pool process of a `worker --pool process`: the same app, serving jobs from `socket`.
+pub(super) async fn pool_child(builder: AppBuilder, cli: Cli, socket: std::path::PathBuf) -> Result<(), Failure> {
+    let app = with_urls(builder, &cli).build().await?;
+    crate::worker::pool::serve_child(&app, &socket).await?;
+    Ok(())
+}
+
+/// Builds the app with CLI overrides and runs the subcommand.
+pub(super) async fn run(builder: AppBuilder, cli: Cli) -> Result<ExitCode, Failure> {
+    let mut builder = with_urls(builder, &cli);
     if matches!(cli.command, Command::Bench { .. }) {
         builder = super::bench::register(builder);
     }
@@ -85,6 +98,15 @@ async fn worker(app: &App, args: WorkerArgs) -> Result<ExitCode, Failure> {
     }
     o.disable_prefetch |= args.disable_prefetch;
     o.send_task_events |= args.task_events;
+    if let Some(p) = args.pool {
+        o.pool = p;
+    }
+    if let Some(n) = args.max_tasks_per_child {
+        o.max_tasks_per_child = Some(n.max(1));
+    }
+    if let Some(kib) = args.max_memory_per_child {
+        o.max_memory_per_child = Some(kib.max(1));
+    }
     if let Some(h) = args.hostname {
         o.hostname = h;
     }

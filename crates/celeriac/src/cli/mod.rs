@@ -150,6 +150,20 @@ pub struct WorkerArgs {
     /// Also run beat in this worker (for small setups; other beats elect one leader with it).
     #[arg(long, short = 'B')]
     pub beat: bool,
+    /// Where tasks run (`worker_pool`): `async` or `process` (child processes, killed at the
+    /// hard time limit; `prefork` means `process`).
+    #[arg(long, short = 'P', value_parser = parse_pool)]
+    pub pool: Option<crate::worker::Pool>,
+    /// Process pool: tasks a child runs before it is replaced (`worker_max_tasks_per_child`).
+    #[arg(long)]
+    pub max_tasks_per_child: Option<u64>,
+    /// Process pool: resident KiB above which a child is replaced (`worker_max_memory_per_child`).
+    #[arg(long)]
+    pub max_memory_per_child: Option<u64>,
+}
+
+fn parse_pool(name: &str) -> Result<crate::worker::Pool, String> {
+    crate::worker::Pool::parse(name).ok_or_else(|| format!("{name:?} is not a pool: use async or process"))
 }
 
 /// `beat` options.
@@ -270,7 +284,22 @@ pub fn main(builder: AppBuilder) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(commands::run(builder, cli)) {
+    // Started again by its own worker as a pool process: serve jobs, nothing else.
+    if let Some(socket) = std::env::var_os(crate::worker::POOL_CHILD_ENV) {
+        return match runtime.block_on(commands::pool_child(builder, cli, socket.into())) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: pool process: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    crate::worker::pool::enable_process_pool();
+    let outcome = runtime.block_on(commands::run(builder, cli));
+    // A blocking task past its hard limit in the async pool still holds its thread: do not
+    // wait for it on the way out.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e}");

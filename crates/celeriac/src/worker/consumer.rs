@@ -67,10 +67,19 @@ struct Ctx {
     shutdown: Shutdown,
     state: Arc<WorkerState>,
     events: Events,
+    /// The process pool, when `worker_pool = "process"`.
+    pool: Option<Arc<super::pool::ProcessPool>>,
 }
 
 /// Runs the consumer until shutdown; returns when every held delivery is settled.
 pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats>, shutdown: Shutdown) {
+    let pool = match super::pool::for_options(&options).await {
+        Ok(pool) => pool,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the process pool: the worker does not start");
+            return;
+        }
+    };
     let state = Arc::new(WorkerState::new(options.hostname.clone(), options.queues.clone(), options.send_task_events));
     let events = Events::new(app.clone(), state.clone());
     let ctx = Arc::new(Ctx {
@@ -83,6 +92,7 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
         state,
         events,
         options,
+        pool,
     });
     let processed: Arc<dyn Fn() -> u64 + Send + Sync> = {
         let stats = ctx.stats.clone();
@@ -125,6 +135,9 @@ pub(crate) async fn run(app: App, options: WorkerOptions, stats: Arc<WorkerStats
     // tasks) goes back to the queues.
     if let Err(e) = ctx.app.broker().stop_consuming().await {
         tracing::warn!(error = %e, "could not give back what the broker held for this worker");
+    }
+    if let Some(pool) = &ctx.pool {
+        pool.close().await;
     }
     renewer.abort();
     cleaner.abort();
@@ -479,7 +492,7 @@ async fn run_reserved(
     ctx.events.task("task-started", &id, serde_json::Map::new()).await;
     let started = std::time::Instant::now();
     let decision = tokio::select! {
-        dec = executor::run(task, request, &call.effective) => Some(dec),
+        dec = run_call(ctx, task, request, &call, d.redelivered()) => Some(dec),
         _ = ctx.shutdown.immediate_requested() => None,
         _ = terminate.cancelled() => {
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -515,6 +528,20 @@ async fn give_back(app: &App, d: &Delivery, message: &Message, acked: bool, at: 
     };
     if let Err(e) = done {
         tracing::warn!(task_id = %message.headers.id, error = %e, "could not give a message that did not start back to its queue");
+    }
+}
+
+/// Runs the call in the process pool, or on this runtime.
+async fn run_call(
+    ctx: &Ctx,
+    task: Arc<dyn crate::task::Task>,
+    request: crate::task::Request,
+    call: &Call,
+    redelivered: bool,
+) -> Decision {
+    match &ctx.pool {
+        Some(pool) => pool.run(&call.message, redelivered, &call.effective, &request).await,
+        None => executor::run(task, request, &call.effective).await,
     }
 }
 

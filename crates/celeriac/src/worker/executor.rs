@@ -6,7 +6,7 @@
 use crate::app::App;
 use crate::protocol::{ExceptionInfo, Message, TaskBody};
 use crate::retry::RetryDecision;
-use crate::task::{Args, ArgumentError, Request, Retry, Task, TaskError, TaskOptions};
+use crate::task::{Args, ArgumentError, Request, Retry, Task, TaskError, TaskOptions, TaskResult};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::sync::Arc;
@@ -89,6 +89,7 @@ pub(crate) fn request(
         is_eager,
         app: app.clone(),
         soft_limit: CancellationToken::new(),
+        soft_limit_seconds: None,
         children: Default::default(),
         message: Some(Arc::new(message.clone())),
         embed: body.embed.clone(),
@@ -98,47 +99,74 @@ pub(crate) fn request(
 /// Runs the task and decides what its result means.
 pub(crate) async fn run(task: Arc<dyn Task>, request: Request, effective: &Effective) -> Decision {
     let wraps = request.app.config().task_retry_exceeded_wraps_error;
-    let args = Args::new(request.task.clone(), request.args.clone(), request.kwargs.clone());
     let retries = request.retries;
+    match run_task(task, request, effective, false).await {
+        Some(result) => decide(result, retries, &effective.options, wraps),
+        None => timed_out(effective.time_limit.unwrap_or_default()),
+    }
+}
+
+/// FAILURE with `TimeLimitExceeded` for a run stopped at its hard limit of `limit` seconds.
+pub(crate) fn timed_out(limit: f64) -> Decision {
+    Decision::Failure { exc: ExceptionInfo::time_limit_exceeded(limit), traceback: None, timed_out: true }
+}
+
+/// Runs the task on its own tokio task (a blocking thread for `blocking` tasks, or when
+/// `force_blocking`, as in a pool process) with the soft timer armed; a panic becomes a
+/// failure. `None` when the hard limit passed first: an async task is dropped at its next
+/// await point, a blocking one cannot be stopped here (its thread runs on, detached).
+pub(crate) async fn run_task(
+    task: Arc<dyn Task>,
+    mut request: Request,
+    effective: &Effective,
+    force_blocking: bool,
+) -> Option<TaskResult<Value>> {
+    let args = Args::new(request.task.clone(), request.args.clone(), request.kwargs.clone());
+    request.soft_limit_seconds = effective.soft_time_limit;
     let soft = request.soft_limit.clone();
+    let blocking = force_blocking || effective.options.blocking;
+    let future = task.run(request, args);
+    let spawned = if blocking {
+        // The runtime's worker threads stay free for other tasks and for the timers below.
+        let runtime = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || runtime.block_on(future))
+    } else {
+        tokio::spawn(future)
+    };
     // Aborted when dropped: a run the worker stops (immediate shutdown, grace over, terminate)
     // must not go on in the background while its message is requeued or marked lost.
-    let mut handle = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(task.run(request, args)));
+    let mut handle = tokio_util::task::AbortOnDropHandle::new(spawned);
     let soft_timer = effective.soft_time_limit.map(|s| {
         let soft = soft.clone();
-        tokio::spawn(async move {
+        tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs_f64(s)).await;
             soft.cancel();
-        })
+        }))
     });
     let joined = match effective.time_limit {
         Some(limit) => match tokio::time::timeout(Duration::from_secs_f64(limit), &mut handle).await {
-            Ok(joined) => Some(joined),
+            Ok(joined) => joined,
             Err(_) => {
                 handle.abort();
-                None
+                if blocking {
+                    tracing::warn!(
+                        limit,
+                        "a blocking task passed its hard time limit: it is marked failed, but its thread cannot be \
+                         stopped in the async pool (use worker_pool = \"process\" to stop it for real)"
+                    );
+                }
+                return None;
             }
         },
-        None => Some((&mut handle).await),
+        None => (&mut handle).await,
     };
-    if let Some(t) = soft_timer {
-        t.abort();
-    }
-    let result = match joined {
-        None => {
-            return Decision::Failure {
-                exc: ExceptionInfo::time_limit_exceeded(effective.time_limit.unwrap_or_default()),
-                traceback: None,
-                timed_out: true,
-            };
-        }
-        Some(Err(join_error)) => {
-            let message = panic_message(join_error);
-            Err(TaskError::Failure { exc: ExceptionInfo::new("Panic", message, "celeriac"), traceback: None })
-        }
-        Some(Ok(result)) => result,
-    };
-    decide(result, retries, &effective.options, wraps)
+    drop(soft_timer);
+    Some(joined.unwrap_or_else(|join_error| {
+        Err(TaskError::Failure {
+            exc: ExceptionInfo::new("Panic", panic_message(join_error), "celeriac"),
+            traceback: None,
+        })
+    }))
 }
 
 fn panic_message(e: tokio::task::JoinError) -> String {

@@ -11,6 +11,7 @@ pub(crate) mod eager;
 mod events;
 mod executor;
 mod outcome;
+pub(crate) mod pool;
 mod rate_limit;
 pub(crate) mod revoke;
 pub(crate) mod shared_limit;
@@ -37,6 +38,7 @@ pub(crate) async fn revoke_everywhere(app: &App, ids: &[String]) {
         tracing::warn!(error = %e, "could not broadcast revoke");
     }
 }
+pub use pool::{POOL_CHILD_ENV, Pool};
 pub use rate_limit::RateLimit;
 pub use shared_limit::{KeyFn, RateKey};
 pub use shutdown::Shutdown;
@@ -65,6 +67,13 @@ pub struct WorkerOptions {
     pub poll_wait: Duration,
     /// Send `task-*` events (`worker_send_task_events`, `-E`); worker events are always sent.
     pub send_task_events: bool,
+    /// Where tasks run (`worker_pool`, `--pool`): the async runtime or child processes.
+    pub pool: Pool,
+    /// Process pool: tasks a child runs before it is replaced (`worker_max_tasks_per_child`).
+    pub max_tasks_per_child: Option<u64>,
+    /// Process pool: resident KiB above which a child is replaced after its task
+    /// (`worker_max_memory_per_child`).
+    pub max_memory_per_child: Option<u64>,
 }
 
 impl WorkerOptions {
@@ -80,6 +89,9 @@ impl WorkerOptions {
             shutdown_timeout: c.worker_soft_shutdown_timeout,
             poll_wait: Duration::from_secs(1),
             send_task_events: c.worker_send_task_events,
+            pool: Pool::parse(&c.worker_pool).unwrap_or_default(),
+            max_tasks_per_child: c.worker_max_tasks_per_child,
+            max_memory_per_child: c.worker_max_memory_per_child,
         }
     }
 
@@ -184,6 +196,7 @@ impl Worker {
             node = %self.options.hostname,
             queues = ?self.options.queues,
             concurrency = self.options.concurrency,
+            pool = ?self.options.pool,
             broker = %self.app.broker().url(),
             backend = %self.app.backend().url(),
             tasks = self.app.task_names().len(),
@@ -224,6 +237,9 @@ mod tests {
             shutdown_timeout: 1.0,
             poll_wait: Duration::from_millis(10),
             send_task_events: false,
+            pool: Pool::Async,
+            max_tasks_per_child: None,
+            max_memory_per_child: None,
         }
     }
 
