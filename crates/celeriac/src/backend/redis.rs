@@ -363,9 +363,19 @@ impl ResultBackend for RedisBackend {
         // Subscribe first, then read: a result stored in between is seen by the GET.
         let key = self.task_key(task_id);
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pubsub = self.client.get_async_pubsub().await.map_err(err("subscribe"))?;
-        pubsub.subscribe(&key).await.map_err(err("subscribe"))?;
-        let mut last = self.get(task_id).await?;
+        let mut pubsub = match self.client.get_async_pubsub().await {
+            Ok(p) => p,
+            // Redis is restarting: read until it answers (or the time is up).
+            Err(e) if transient(&e) => return self.poll_until(task_id, deadline).await,
+            Err(e) => return Err(err("subscribe")(e)),
+        };
+        if let Err(e) = pubsub.subscribe(&key).await {
+            if transient(&e) {
+                return self.poll_until(task_id, deadline).await;
+            }
+            return Err(err("subscribe")(e));
+        }
+        let mut last = self.get_until(task_id, deadline).await?;
         if last.as_ref().is_some_and(|m| m.status.is_ready()) {
             return Ok(last);
         }
@@ -394,14 +404,40 @@ impl ResultBackend for RedisBackend {
     }
 }
 
+/// A connection that dropped or was refused (a Redis restart), which the connection manager
+/// heals by reconnecting.
+fn transient(e: &redis::RedisError) -> bool {
+    e.is_io_error() || e.is_connection_dropped() || e.is_connection_refusal() || e.is_timeout()
+}
+
 impl RedisBackend {
+    /// `get`, read again while the connection is being re-established (the first command after
+    /// a Redis restart fails while the manager reconnects), until `deadline`.
+    async fn get_until(
+        &self,
+        task_id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<ResultMeta>, BackendError> {
+        loop {
+            let read: Result<Option<Vec<u8>>, redis::RedisError> =
+                redis::cmd("GET").arg(self.task_key(task_id)).query_async(&mut self.conn()).await;
+            match read {
+                Ok(raw) => return raw.map(|r| decode(task_id, &r)).transpose(),
+                Err(e) if transient(&e) && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => return Err(err("get")(e)),
+            }
+        }
+    }
+
     async fn poll_until(
         &self,
         task_id: &str,
         deadline: tokio::time::Instant,
     ) -> Result<Option<ResultMeta>, BackendError> {
         loop {
-            let meta = self.get(task_id).await?;
+            let meta = self.get_until(task_id, deadline).await?;
             if meta.as_ref().is_some_and(|m| m.status.is_ready()) || tokio::time::Instant::now() >= deadline {
                 return Ok(meta);
             }
