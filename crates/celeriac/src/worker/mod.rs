@@ -104,7 +104,14 @@ impl WorkerOptions {
         }
         match self.prefetch_multiplier {
             0 => UNLIMITED_BATCH,
-            m => (self.concurrency * m).saturating_sub(unacked),
+            m => {
+                let window = self.concurrency * m;
+                let room = window.saturating_sub(unacked);
+                // Refill in batches: while work is on hand, wait until a quarter of the window
+                // is free, so each claim takes many messages in one round trip instead of one
+                // or two as tasks finish one by one.
+                if held > 0 && room < (window / 4).max(1) { 0 } else { room }
+            }
         }
     }
 }
@@ -249,6 +256,11 @@ mod tests {
         assert_eq!(opts(2, 4, false).fetch_room(0, 0), 8);
         assert_eq!(opts(2, 4, false).fetch_room(10, 8), 0);
         assert_eq!(opts(2, 4, false).fetch_room(4, 2), 6);
+        // With work on hand, refills wait for a quarter of the window (2 of 8) ...
+        assert_eq!(opts(2, 4, false).fetch_room(7, 7), 0);
+        assert_eq!(opts(2, 4, false).fetch_room(7, 6), 2);
+        // ... but an idle worker takes whatever fits.
+        assert_eq!(opts(2, 4, false).fetch_room(0, 7), 1);
         assert_eq!(opts(2, 1, false).fetch_room(2, 0), 2);
         assert_eq!(opts(2, 0, false).fetch_room(1000, 1000), 256);
         // No prefetch: only what free slots can start now.

@@ -18,6 +18,17 @@ local got = 0
 -- The writes go out as a few variadic calls per batch (each redis.call costs more than
 -- the command it runs), in chunks that stay well inside Lua's unpack limit.
 local hu, zi, hc = {}, {}, {}
+-- The text of a JSON string field at or after `from`, with either spacing after the colon
+-- (kombu writes '": "', compact JSON '":"'), found by plain search: Lua patterns cost more than
+-- every write of this script put together.
+local function field(m, spaced, compact, from)
+  local _, e = string.find(m, spaced, from, true)
+  if not e then _, e = string.find(m, compact, from, true) end
+  if not e then return nil end
+  local close = string.find(m, '"', e + 1, true)
+  if not close then return nil end
+  return string.sub(m, e + 1, close - 1)
+end
 local function flush()
   if #hu > 0 then
     redis.call('HSET', unacked, unpack(hu))
@@ -38,10 +49,10 @@ for p = 1, (nkeys - 3) / 2 do
           -- JSON envelope here would cost more than everything else this script does).
           -- They are copied as JSON string text, escapes and all, so quoting them again
           -- gives the same JSON strings.
-          local tag = string.match(m, '"delivery_tag":%s*"([^"]*)"')
+          local tag = field(m, '"delivery_tag": "', '"delivery_tag":"', 1)
           local at = string.find(m, '"delivery_info"', 1, true) or 1
-          local ex = string.match(m, '"exchange":%s*"([^"]*)"', at)
-          local rk = string.match(m, '"routing_key":%s*"([^"]*)"', at)
+          local ex = field(m, '"exchange": "', '"exchange":"', at)
+          local rk = field(m, '"routing_key": "', '"routing_key":"', at)
           if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
           if type(ex) ~= 'string' then ex = '' end
           if type(rk) ~= 'string' then rk = queue end
