@@ -58,11 +58,12 @@ run_celery() { # scenario
     "$PY" "$HERE/celery_bench.py" --scenario "$1" --broker "$URL" --tasks "$CELERY_TASKS" | tee -a "$JSONL"
 }
 
-run_celeriac() { # scenario [extra args]
-    local s="$1"; shift
+run_celeriac() { # scenario [--tasks N] [extra args]
+    local s="$1" n="$TASKS"; shift
+    if [[ "${1:-}" == "--tasks" ]]; then n="$2"; shift 2; fi
     flush
     echo "== celeriac: $s" >&2
-    "$CELERIAC" --broker "$URL" --backend "$URL" --loglevel warn bench --scenario "$s" --tasks "$TASKS" "$@" \
+    "$CELERIAC" --broker "$URL" --backend "$URL" --loglevel warn bench --scenario "$s" --tasks "$n" "$@" \
         | grep '^{' | sed 's/^{/{"impl": "celeriac", /' | tee -a "$JSONL"
 }
 
