@@ -9,12 +9,12 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use celeriac::{App, AppBuilder, Signature, TaskResult, task};
-use std::process::{Child, Command, ExitCode, Output, Stdio};
-use std::time::{Duration, Instant};
+mod support;
 
-/// Set when this executable should behave as the user's command line.
-const AS_CLI: &str = "USER_BINARY_AS_CLI";
+use celeriac::{App, AppBuilder, Signature, TaskResult, task};
+use std::process::{Command, ExitCode, Output};
+use std::time::Duration;
+use support::{AS_CLI, Env};
 
 /// `x + y`.
 #[task(name = "demo.add")]
@@ -48,97 +48,7 @@ fn main() -> ExitCode {
         ("call_with_kwargs_runs_on_the_binarys_worker", call_with_kwargs_runs_on_the_binarys_worker),
         ("workflow_shows_a_chain_sent_from_rust", workflow_shows_a_chain_sent_from_rust),
     ];
-    // libtest's arguments, as far as they matter here: name filters, `--skip NAME`, `--list`;
-    // other flags are ignored (with the value of those that take one).
-    let (mut filters, mut skips, mut list) = (Vec::new(), Vec::new(), false);
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--list" => list = true,
-            "--skip" => skips.extend(args.next()),
-            "--test-threads" | "--format" | "--color" | "--logfile" | "-Z" => drop(args.next()),
-            flag if flag.starts_with('-') => {}
-            name => filters.push(name.to_owned()),
-        }
-    }
-    if list {
-        for (name, _) in tests {
-            println!("{name}: test");
-        }
-        return ExitCode::SUCCESS;
-    }
-    let selected: Vec<_> = tests
-        .iter()
-        .filter(|(name, _)| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
-        .filter(|(name, _)| !skips.iter().any(|s| name.contains(s.as_str())))
-        .collect();
-    println!("\nrunning {} tests", selected.len());
-    let mut failed = Vec::new();
-    for (name, test) in &selected {
-        let outcome = std::panic::catch_unwind(test);
-        println!("test {name} ... {}", if outcome.is_ok() { "ok" } else { "FAILED" });
-        if outcome.is_err() {
-            failed.push(*name);
-        }
-    }
-    let verdict = if failed.is_empty() { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {} passed; {} failed; 0 ignored; 0 measured; {} filtered out\n",
-        selected.len() - failed.len(),
-        failed.len(),
-        tests.len() - selected.len()
-    );
-    if failed.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-}
-
-/// A temp dir with a SQLite file, and this executable as the user's command line on it.
-struct Env {
-    _dir: tempfile::TempDir,
-    url: String,
-}
-
-impl Env {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}", dir.path().join("user.db").display());
-        Env { _dir: dir, url }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(std::env::current_exe().unwrap());
-        c.env(AS_CLI, "1").arg("--broker").arg(&self.url).args(args);
-        for var in ["CELERY_BROKER_URL", "CELERY_RESULT_BACKEND", "CELERIAC_CONFIG", "CELERIAC_LOG_FORMAT"] {
-            c.env_remove(var);
-        }
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    /// The binary's own worker, in the background.
-    fn worker(&self) -> Worker {
-        Worker(self.cmd(&["worker", "-c", "2"]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap())
-    }
-}
-
-/// A worker process, stopped with SIGTERM when dropped.
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    support::run_tests(tests)
 }
 
 fn stdout(o: &Output) -> String {
@@ -176,7 +86,7 @@ fn waited_result(out: &Output) -> serde_json::Value {
 
 fn call_with_kwargs_runs_on_the_binarys_worker() {
     let env = Env::new();
-    let _worker = env.worker();
+    let _worker = env.worker(&["-c", "2"]);
     let wait = ["--wait", "--timeout", "20"];
     let greeted =
         env.run(&[&["call", "demo.greet", "--kwargs", r#"{"name": "Ada", "punctuation": "!"}"#], &wait[..]].concat());
@@ -209,7 +119,7 @@ fn workflow_shows_a_chain_sent_from_rust() {
     assert!(pending.status.success(), "{pending:?}");
     assert!(stdout(&pending).contains(&format!("demo.add  [PENDING]  {first}")), "{}", stdout(&pending));
 
-    let worker = env.worker();
+    let worker = env.worker(&["-c", "2"]);
     assert_eq!(rt.block_on(sent.get::<i64>(Duration::from_secs(20))).unwrap(), 10);
     drop(worker);
     let out = env.run(&["workflow", first]);

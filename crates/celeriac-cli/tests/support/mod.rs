@@ -5,7 +5,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Output, Stdio};
 use std::time::{Duration, Instant};
 
 /// Set when this executable should behave as the user's command line.
@@ -80,6 +80,11 @@ impl Env {
             c.env_remove(var);
         }
         c
+    }
+
+    /// Runs the command line with `args` to the end.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
     }
 
     /// The binary's own worker with `args` after `worker`, in the background; its log goes to
