@@ -136,11 +136,18 @@ fn call_worker_dlq_result_replay_purge() {
     assert_eq!(result.status.code(), Some(1), "a FAILURE result exits 1");
     assert!(stdout(&result).contains("NotRegistered"), "{}", stdout(&result));
 
+    // Replay sends it again under a new task id; the dead letter stays, marked with that id.
     let replay = env.run(&["dlq", "replay", &dead_id]);
     assert!(replay.status.success(), "{replay:?}");
-    assert!(stdout(&env.run(&["dlq", "list"])).contains("empty"));
+    let line = stdout(&replay);
+    let new_id = line.trim().strip_prefix(&format!("replayed {dead_id} as task ")).unwrap_or_default().to_owned();
+    assert!(new_id.len() == 36 && new_id != task_id, "a new task id: {line}");
+    let listed = stdout(&env.run(&["dlq", "list"]));
+    assert!(listed.contains(&format!("[replayed as {new_id}]")), "{listed}");
+    let again = env.run(&["dlq", "replay", &dead_id]);
+    assert!(!again.status.success() && stderr(&again).contains("already replayed"), "{again:?}");
     assert!(stdout(&env.run(&["purge"])).contains("purged 1 message(s) from celery"));
-    assert!(stdout(&env.run(&["inspect", "queues"])).contains("dead letters: 0"));
+    assert!(stdout(&env.run(&["inspect", "queues"])).contains("dead letters: 1"));
     let missing = env.run(&["dlq", "replay", "999"]);
     assert!(!missing.status.success());
 
@@ -201,21 +208,31 @@ fn call_kwargs_then_dlq_replay_all_and_dlq_purge() {
     assert!(replay.status.success(), "{replay:?}");
     let replayed = stdout(&replay);
     assert_eq!(replayed.lines().count(), 2, "{replayed}");
-    for id in [&with_kwargs, &with_both] {
-        assert!(
-            replayed.lines().any(|l| l.starts_with("replayed ") && l.ends_with(&format!("as task {id}"))),
-            "{replayed}"
-        );
+    // Each under a new task id, the old dead letters marked with it.
+    let new_ids: Vec<String> = replayed
+        .lines()
+        .map(|l| {
+            assert!(l.starts_with("replayed "), "{replayed}");
+            l.rsplit("as task ").next().unwrap().trim().to_owned()
+        })
+        .collect();
+    let listed = stdout(&env.run(&["dlq", "list"]));
+    for new_id in &new_ids {
+        assert!(new_id != &with_kwargs && new_id != &with_both, "{replayed}");
+        assert!(listed.contains(&format!("[replayed as {new_id}]")), "{listed}");
     }
-    assert!(stdout(&env.run(&["dlq", "list"])).contains("the dead-letter queue is empty"));
     let q = stdout(&env.run(&["inspect", "queues"]));
     assert!(q.lines().any(|l| l.starts_with("celery") && l.split_whitespace().nth(1) == Some("2")), "{q}");
+    // A second --all replays nothing new: both were replayed already.
+    let nothing_new = env.run(&["dlq", "replay", "--all"]);
+    assert!(!nothing_new.status.success() && stderr(&nothing_new).contains("nothing to replay"), "{nothing_new:?}");
 
-    env.dead_letter_all(&[], &[&with_kwargs, &with_both]);
+    let new_refs: Vec<&str> = new_ids.iter().map(String::as_str).collect();
+    env.dead_letter_all(&[], &new_refs);
     let purged = env.run(&["dlq", "purge"]);
     assert!(purged.status.success(), "{purged:?}");
-    assert_eq!(stdout(&purged).trim(), "deleted 2 dead letter(s)");
-    assert!(stdout(&env.run(&["dlq", "list"])).contains("the dead-letter queue is empty"));
+    assert_eq!(stdout(&purged).trim(), "deleted 4 dead letter(s)", "the two replayed ones and their replays");
+    assert!(stdout(&env.run(&["dlq", "list"])).contains("no dead letters"));
     assert!(stdout(&env.run(&["inspect", "queues"])).contains("dead letters: 0"));
     let nothing = env.run(&["dlq", "replay", "--all"]);
     assert!(!nothing.status.success());
