@@ -62,7 +62,9 @@ impl Env {
             self.cmd(&args).stdout(Stdio::null()).stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
         let listed = until(|| {
             let listed = stdout(&self.run(&["dlq", "list"]));
-            ids.iter().all(|id| listed.contains(id))
+            // As a dead letter's own task id, not as the "[replayed as ...]" mark of another.
+            let mark = |id: &str| format!("[replayed as {id}]");
+            ids.iter().all(|id| listed.lines().any(|l| l.contains(id) && !l.contains(&mark(id))))
         });
         stop(worker);
         let stderr = std::fs::read_to_string(&log).unwrap();
