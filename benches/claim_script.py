@@ -1,11 +1,12 @@
-"""Redis-side cost of the broker's CLAIM script, per message, in isolation.
+"""Redis-side cost of the broker's claim, per message, in isolation.
 
-    target/interop-venv/bin/python benches/claim_script.py [base|nosearch|noout|nowrite] [--db 12]
+    target/interop-venv/bin/python benches/claim_script.py [--db 12]
 
-Fills a queue with 50,000 kombu envelopes, claims them 100 at a time with the script from
-crates/celeriac/src/broker/redis/scripts.rs, and prints the server's own time per message
-(INFO commandstats: the script, and the commands inside it). The variants cut one part of the
-script out, to see what each costs. Flushes the DB it uses.
+Fills a queue with 50,000 kombu envelopes and claims them 100 at a time as the broker does:
+the TAKE script from crates/celeriac/src/broker/redis/scripts.rs moves them into a holding
+list, then one MULTI records kombu's `unacked` entries and this node's claims and trims the
+holding list. Prints the server's own time per message (INFO commandstats: the script and
+each command). Flushes the DB it uses.
 """
 import os, re
 import redis, time, json, base64, uuid, sys
@@ -13,20 +14,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DB = int(sys.argv[sys.argv.index('--db') + 1]) if '--db' in sys.argv else 12
 r = redis.Redis(db=DB)
 _src = open(os.path.join(HERE, '..', 'crates', 'celeriac', 'src', 'broker', 'redis', 'scripts.rs')).read()
-claim = re.search(r'pub\(super\) const CLAIM: &str = r#"(.*?)"#;', _src, re.S).group(1)
-ORIGINAL = claim
-variant = sys.argv[1] if len(sys.argv) > 1 else 'base'
-if variant == 'nosearch':
-    # No tag and routing search: what finding them in the envelope text costs.
-    claim = re.sub(r"local tag = field\(.*", "local tag = now .. ':' .. got", claim)
-    claim = re.sub(r"local ex = field\(.*", "local ex = ''", claim)
-    claim = re.sub(r"local rk = field\(.*", "local rk = queue", claim)
-if variant == 'noout':
-    claim = claim.replace("out[#out + 1] = m", "out[#out + 1] = ''")
-if variant == 'nowrite':
-    claim = claim.replace("if #hu > 0 then", "if false then")
-sha = r.script_load(claim)
-assert variant == 'base' or claim != ORIGINAL, 'variant not applied'
+take = re.search(r'pub\(super\) const TAKE: &str = r#"(.*?)"#;', _src, re.S).group(1)
+sha = r.script_load(take)
 
 def env():
     body = base64.b64encode(json.dumps([[], {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]).encode()).decode()
@@ -45,13 +34,34 @@ r.config_resetstat()
 keys = []
 for q in ['celery', 'celery\x06\x163', 'celery\x06\x166', 'celery\x06\x169']:
     keys += ['inflight:' + q, q]
-keys += ['unacked', 'unacked_index', 'claims']
 t = time.time(); got = 0
 while got < N:
-    out = r.evalsha(sha, len(keys), *keys, 100, str(time.time()), 'celery', 'celery', 'celery', 'celery')
-    got += len(out) // 3
+    out = r.evalsha(sha, len(keys), *keys, 100)
     if not out: break
+    p = r.pipeline(transaction=True)
+    now = '%.6f' % time.time()
+    i = 0
+    while i < len(out):
+        pair, k = int(out[i]), int(out[i + 1])
+        msgs = out[i + 2:i + 2 + k]
+        i += 2 + k
+        entries, scores, claims = [], [], []
+        for m in msgs:
+            props = json.loads(m)['properties']
+            tag, info = props['delivery_tag'], props['delivery_info']
+            entries += [tag, b'[' + m + (', %s, %s]' % (json.dumps(info['exchange']), json.dumps(info['routing_key']))).encode()]
+            scores += [now, tag]
+            claims += [tag, now]
+        p.execute_command('HSET', 'unacked', *entries)
+        p.execute_command('ZADD', 'unacked_index', *scores)
+        p.execute_command('HSET', 'claims', *claims)
+        p.execute_command('LTRIM', keys[2 * pair - 2], 0, -k - 1)
+        got += k
+    p.execute()
 el = time.time() - t
 st = r.info('commandstats')
-print(variant, 'claimed', got, 'wall %.2fs' % el, 'evalsha usec/msg %.2f' % (st['cmdstat_evalsha']['usec'] / got),
-      'inner', {k: round(v['usec'] / got, 2) for k, v in st.items() if k != 'cmdstat_evalsha'})
+total = sum(v['usec'] for v in st.values())
+print('claimed', got, 'wall %.2fs' % el, 'server usec/msg %.2f' % (total / got),
+      {k: round(v['usec'] / got, 2) for k, v in st.items()})
+assert r.hlen('unacked') == N and r.zcard('unacked_index') == N, 'not every message recorded'
+assert not any(r.exists(k) for k in keys), 'holding lists or queues not empty'

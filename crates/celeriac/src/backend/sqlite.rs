@@ -53,6 +53,37 @@ pub struct SqliteBackend {
     pool: SqlitePool,
     url: String,
     written: Notify,
+    /// Result writes go out in batches: one transaction (one commit) for all those waiting.
+    writer: crate::batch::Coalescer<ResultRow, StoreOutcome>,
+}
+
+/// One result write: task id, status, the record, its expiry (Unix ms).
+type ResultRow = (String, String, Vec<u8>, Option<i64>);
+
+/// Writes a batch in one transaction. The upsert refuses to replace a SUCCESS row, so a late
+/// duplicate (in this batch or an earlier one) cannot undo a result.
+async fn store_many(pool: &SqlitePool, rows: &[ResultRow]) -> Result<Vec<StoreOutcome>, sqlx::Error> {
+    let now = now_millis();
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (task_id, status, meta, expires_at) in rows {
+        let done = sqlx::query(
+            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
+                 updated_at = excluded.updated_at, expires_at = excluded.expires_at
+             WHERE celeriac_results.status <> 'SUCCESS'",
+        )
+        .bind(task_id)
+        .bind(status)
+        .bind(meta)
+        .bind(now)
+        .bind(*expires_at)
+        .execute(&mut *tx)
+        .await?;
+        out.push(if done.rows_affected() == 1 { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess });
+    }
+    tx.commit().await?;
+    Ok(out)
 }
 
 fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
@@ -85,7 +116,14 @@ impl SqliteBackend {
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let pool = open(url).await.map_err(err("open"))?;
         crate::sqlite_common::retry_locked(|| create_schema(&pool)).await.map_err(err("create schema"))?;
-        Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new() })
+        let writer = {
+            let pool = pool.clone();
+            crate::batch::Coalescer::new(256, move |rows: Vec<ResultRow>| {
+                let pool = pool.clone();
+                Box::pin(async move { store_many(&pool, &rows).await.map_err(|e| e.to_string()) })
+            })
+        };
+        Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new(), writer })
     }
 }
 
@@ -96,23 +134,14 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn store(&self, meta: &ResultMeta, expires: Option<Duration>) -> Result<StoreOutcome, BackendError> {
-        let now = now_millis();
-        let done = sqlx::query(
-            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
-                 updated_at = excluded.updated_at, expires_at = excluded.expires_at
-             WHERE celeriac_results.status <> 'SUCCESS'",
-        )
-        .bind(&meta.task_id)
-        .bind(meta.status.as_str())
-        .bind(meta.to_wire())
-        .bind(now)
-        .bind(expires.map(|e| now + e.as_millis() as i64))
-        .execute(&self.pool)
-        .await
-        .map_err(err("store"))?;
+        let expires_at = expires.map(|e| now_millis() + e.as_millis() as i64);
+        let row = (meta.task_id.clone(), meta.status.as_str().to_owned(), meta.to_wire(), expires_at);
+        let outcome = self.writer.call(row).await.map_err(|e| BackendError::Storage {
+            operation: "store",
+            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+        })?;
         self.written.notify_waiters();
-        Ok(if done.rows_affected() == 1 { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess })
+        Ok(outcome)
     }
 
     async fn get(&self, task_id: &str) -> Result<Option<ResultMeta>, BackendError> {

@@ -90,6 +90,23 @@ async fn create_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Acks a batch in one transaction: each message is deleted only while its lease is still the
+/// one delivered (`true`), a lease lost to another delivery leaves it alone (`false`).
+async fn ack_many(pool: &SqlitePool, tags: &[(i64, String)]) -> Result<Vec<bool>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let mut out = Vec::with_capacity(tags.len());
+    for (id, token) in tags {
+        let done = sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
+            .bind(id)
+            .bind(token)
+            .execute(&mut *tx)
+            .await?;
+        out.push(done.rows_affected() == 1);
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
 /// The SQLite broker.
 #[derive(Debug)]
 pub struct SqliteBroker {
@@ -98,6 +115,8 @@ pub struct SqliteBroker {
     lease: Duration,
     polling_interval: Duration,
     published: Notify,
+    /// Acks go out in batches: one transaction (one commit) for all those waiting.
+    acker: crate::batch::Coalescer<(i64, String), bool>,
 }
 
 fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BrokerError {
@@ -118,12 +137,20 @@ impl SqliteBroker {
         let secs = |name: &str, default: f64| {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
+        let acker = {
+            let pool = pool.clone();
+            crate::batch::Coalescer::new(512, move |tags: Vec<(i64, String)>| {
+                let pool = pool.clone();
+                Box::pin(async move { ack_many(&pool, &tags).await.map_err(|e| e.to_string()) })
+            })
+        };
         Ok(SqliteBroker {
             pool,
             url: format!("sqlite://{}", path_of(url)),
             lease: secs("visibility_timeout", 10.0),
             polling_interval: secs("polling_interval", 0.1),
             published: Notify::new(),
+            acker,
         })
     }
 
@@ -229,13 +256,10 @@ impl Broker for SqliteBroker {
 
     async fn ack(&self, delivery: &Delivery) -> Result<bool, BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
-        let done = sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
-            .bind(id)
-            .bind(token)
-            .execute(&self.pool)
-            .await
-            .map_err(err("ack"))?;
-        Ok(done.rows_affected() == 1)
+        self.acker.call((id, token.to_owned())).await.map_err(|e| BrokerError::Storage {
+            operation: "ack",
+            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+        })
     }
 
     async fn requeue(&self, delivery: &Delivery, at: Option<DateTime<Utc>>) -> Result<(), BrokerError> {

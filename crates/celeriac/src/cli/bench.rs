@@ -151,7 +151,19 @@ struct WorkerProcess {
 impl WorkerProcess {
     fn spawn(broker: &str, backend: &str, concurrency: usize, exit_after: u64) -> Result<Self, Failure> {
         let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
+        // `BENCH_WORKER_WRAPPER="valgrind --tool=callgrind"` (or `perf record -g --`)
+        // runs the worker under a profiler.
+        let wrapper = std::env::var("BENCH_WORKER_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let mut child = command
             .args(["--broker", broker, "--backend", backend, "--loglevel", "warn", "bench", "--child"])
             .args(["-c", &concurrency.to_string(), "--tasks", &exit_after.to_string()])
             .stdin(Stdio::piped())

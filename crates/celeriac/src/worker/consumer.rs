@@ -272,7 +272,7 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
     let id = message.headers.id.clone();
     // Revoked wins over unknown: the task was not meant to run here or anywhere.
     if ctx.state.is_revoked(&id) {
-        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+        return Box::pin(revoked(ctx, d, (&message, &body), "revoked", false)).await;
     }
     let Some(task) = app.task(&message.headers.task).cloned() else {
         let name = &message.headers.task;
@@ -283,14 +283,14 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
         return dead_letter(ctx, d, DeadLetterInfo::new(reason, "NotRegistered").retries(message.headers.retries))
             .await;
     };
-    let info = request_info(&message, &body, d.redelivered(), &ctx.options.hostname);
+    let info = request_info(&message, &body, d.redelivered());
     if let Some(stamp) = revoked_by_stamp(ctx, &message) {
         tracing::info!(task_id = %id, %stamp, "discarding task revoked by stamped header");
-        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+        return Box::pin(revoked(ctx, d, (&message, &body), "revoked", false)).await;
     }
     if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %id, "task expired before it ran: revoked");
-        return revoked(ctx, d, (&message, &body), "expired", false).await;
+        return Box::pin(revoked(ctx, d, (&message, &body), "expired", false)).await;
     }
     if let Some(eta) = message.headers.eta_time().filter(|t| *t > Utc::now() + chrono::Duration::milliseconds(5)) {
         // A transport that delivered early (or a clock ahead of ours): back to the broker.
@@ -316,39 +316,30 @@ async fn settle_delivery(ctx: &Arc<Ctx>, d: &Delivery) {
             })
             .await;
     }
-    ctx.state.reserve(&id, info.clone());
-    let outcome = run_reserved(ctx, d, message, body, task, info).await;
+    ctx.state.reserve(info.clone());
+    // Boxed: the running task's state is large, and a spawned future is moved by value.
+    let outcome = Box::pin(run_reserved(ctx, d, message, body, task, info)).await;
     ctx.state.unreserve(&id);
     outcome
 }
 
-/// Celery's `Request.info()` for remote control.
+/// What remote control shows of a request (Celery's `Request.info()`).
 pub(crate) fn request_info(
     message: &Message,
     body: &crate::protocol::TaskBody,
     redelivered: bool,
-    hostname: &str,
-) -> serde_json::Map<String, serde_json::Value> {
-    let json = serde_json::json!({
-        "id": message.headers.id,
-        "name": message.headers.task,
-        "args": body.args,
-        "kwargs": body.kwargs,
-        "type": message.headers.task,
-        "hostname": hostname,
-        "time_start": null,
-        "acknowledged": false,
-        "delivery_info": {
-            "exchange": message.properties.delivery_info.exchange,
-            "routing_key": message.properties.delivery_info.routing_key,
-            "priority": message.properties.priority,
-            "redelivered": redelivered,
-        },
-        "worker_pid": std::process::id(),
-    });
-    match json {
-        serde_json::Value::Object(m) => m,
-        _ => serde_json::Map::new(),
+) -> crate::worker::state::RequestSnapshot {
+    crate::worker::state::RequestSnapshot {
+        id: message.headers.id.clone(),
+        name: message.headers.task.clone(),
+        args: body.args.clone(),
+        kwargs: body.kwargs.clone(),
+        exchange: message.properties.delivery_info.exchange.clone(),
+        routing_key: message.properties.delivery_info.routing_key.clone(),
+        priority: message.properties.priority,
+        redelivered,
+        time_start: None,
+        acknowledged: false,
     }
 }
 
@@ -392,7 +383,7 @@ async fn run_reserved(
     message: Message,
     body: crate::protocol::TaskBody,
     task: Arc<dyn crate::task::Task>,
-    mut info: serde_json::Map<String, serde_json::Value>,
+    mut info: crate::worker::state::RequestSnapshot,
 ) {
     let app = &ctx.app;
     let id = message.headers.id.clone();
@@ -446,7 +437,7 @@ async fn run_reserved(
         // is given back; a short wait (its turn is near) is slept here, a longer one in the
         // broker, so the message holds no prefetch place.
         let Some(wait) = (if shared {
-            app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs).await
+            Box::pin(app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs)).await
         } else {
             None
         }) else {
@@ -463,17 +454,18 @@ async fn run_reserved(
         return give_back(app, d, &message, acked, Some(super::shared_limit::retry_at(wait))).await;
     };
     if ctx.state.is_revoked(&id) || revoked_by_stamp(ctx, &message).is_some() {
-        return revoked(ctx, d, (&message, &body), "revoked", false).await;
+        return Box::pin(revoked(ctx, d, (&message, &body), "revoked", false)).await;
     }
     // It may have expired while it waited for a slot (Celery checks when the task starts).
     if message.headers.expires_time().is_some_and(|t| t <= Utc::now()) {
         tracing::info!(task_id = %id, "task expired before it ran: revoked");
-        return revoked(ctx, d, (&message, &body), "expired", false).await;
+        return Box::pin(revoked(ctx, d, (&message, &body), "expired", false)).await;
     }
-    info.insert("time_start".into(), (chrono::Utc::now().timestamp_micros() as f64 / 1e6).into());
-    info.insert("acknowledged".into(), (!effective.acks_late).into());
+    info.time_start = Some(chrono::Utc::now().timestamp_micros() as f64 / 1e6);
+    info.acknowledged = !effective.acks_late;
     ctx.state.unreserve(&id);
-    let terminate = ctx.state.start(&id, info);
+    let terminate = ctx.state.start(info);
+    let message = Arc::new(message);
     let request = executor::request(app, &message, &body, &ctx.options.hostname, d.redelivered(), false);
     let call = Call {
         app: app.clone(),
@@ -485,20 +477,20 @@ async fn run_reserved(
         started_at: Utc::now(),
     };
     if call.effective.track_started {
-        call.started().await;
+        Box::pin(call.started()).await;
     }
-    crate::canvas::saga::on_start(&call).await;
+    Box::pin(crate::canvas::saga::on_start(&call)).await;
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
-    ctx.events.task("task-started", &id, serde_json::Map::new()).await;
+    Box::pin(ctx.events.task("task-started", &id, serde_json::Map::new())).await;
     let started = std::time::Instant::now();
     let decision = tokio::select! {
-        dec = run_call(ctx, task, request, &call, d.redelivered()) => Some(dec),
+        dec = Box::pin(run_call(ctx, task, request, &call, d.redelivered())) => Some(dec),
         _ = ctx.shutdown.immediate_requested() => None,
         _ = terminate.cancelled() => {
             ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
             ctx.state.finish(&id, &call.request.task);
             tracing::warn!(task_id = %id, "terminated by remote control");
-            return revoked(ctx, d, (&call.message, &call.body), "terminated", true).await;
+            return Box::pin(revoked(ctx, d, (&*call.message, &call.body), "terminated", true)).await;
         }
     };
     ctx.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -514,8 +506,8 @@ async fn run_reserved(
     };
     ctx.stats.processed.fetch_add(1, Ordering::Relaxed);
     let decision = executor::name_failure(decision, &call.request.task, &id);
-    task_event(ctx, &id, &decision, started.elapsed().as_secs_f64()).await;
-    apply(ctx, d, &call, decision).await;
+    Box::pin(task_event(ctx, &id, &decision, started.elapsed().as_secs_f64())).await;
+    Box::pin(apply(ctx, d, &call, decision)).await;
 }
 
 /// Returns a message that did not start to its queue, due at `at`: the delivery itself, or (once
@@ -633,7 +625,7 @@ async fn apply(ctx: &Ctx, d: &Delivery, call: &Call, decision: Decision) {
             if late {
                 let _ = broker.requeue(d, None).await;
             } else {
-                let mut copy = call.message.clone();
+                let mut copy = (*call.message).clone();
                 copy.headers.extra.insert("redelivered".into(), true.into());
                 copy.properties.delivery_info.extra.insert("redelivered".into(), true.into());
                 let _ = broker.publish(call.message.queue(), &copy).await;

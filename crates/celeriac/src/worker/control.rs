@@ -267,7 +267,7 @@ impl Control {
                     .ok()
                     .and_then(|v| v.pointer("/headers/redelivered").and_then(Value::as_bool))
                     .unwrap_or(false);
-                let info = super::consumer::request_info(&message, &body, redelivered, &self.state.hostname);
+                let info = super::consumer::request_info(&message, &body, redelivered).info(&self.state.hostname);
                 Some(json!({"eta": message.headers.eta, "priority": 6, "request": info}))
             })
             .collect()

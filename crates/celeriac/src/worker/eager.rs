@@ -21,11 +21,12 @@ pub(crate) async fn run(app: &App, mut message: Message) -> Result<AsyncResult, 
     let mut body = message.task_body()?;
     loop {
         let effective = Effective::new(app, task.as_ref(), &message);
-        let request = executor::request(app, &message, &body, "eager@localhost", false, true);
+        let shared = std::sync::Arc::new(message.clone());
+        let request = executor::request(app, &shared, &body, "eager@localhost", false, true);
         let call = Call {
             app: app.clone(),
             task: task.clone(),
-            message: message.clone(),
+            message: shared,
             body: body.clone(),
             request: request.clone(),
             effective,

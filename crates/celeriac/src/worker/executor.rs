@@ -63,7 +63,7 @@ impl Effective {
 /// The request context for `message`.
 pub(crate) fn request(
     app: &App,
-    message: &Message,
+    message: &Arc<Message>,
     body: &TaskBody,
     hostname: &str,
     redelivered: bool,
@@ -91,7 +91,7 @@ pub(crate) fn request(
         soft_limit: CancellationToken::new(),
         soft_limit_seconds: None,
         children: Default::default(),
-        message: Some(Arc::new(message.clone())),
+        message: Some(message.clone()),
         embed: body.embed.clone(),
     }
 }

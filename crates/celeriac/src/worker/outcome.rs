@@ -13,7 +13,8 @@ use std::sync::Arc;
 pub(crate) struct Call {
     pub app: App,
     pub task: Arc<dyn Task>,
-    pub message: Message,
+    /// Shared with `request.message`.
+    pub message: Arc<Message>,
     pub body: TaskBody,
     pub request: Request,
     pub effective: Effective,
@@ -68,9 +69,12 @@ impl Call {
     /// Stores SUCCESS (with what the run and its callbacks sent as `children`) and runs
     /// `on_success` / `after_return`.
     pub(crate) async fn succeeded(&self, value: &Value) {
-        let mut meta = self.meta(State::Success, value.clone());
-        meta.children = Some(self.request.trail());
-        self.store(meta).await;
+        // `store` would drop it: not even built for an ignored result.
+        if !self.effective.ignore_result {
+            let mut meta = self.meta(State::Success, value.clone());
+            meta.children = Some(self.request.trail());
+            self.store(meta).await;
+        }
         self.task.on_success(&self.request, value);
         self.task.after_return(&self.request, &State::Success, value);
     }

@@ -18,10 +18,54 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// `(hard, soft)` time limits in seconds.
 type Limits = (Option<f64>, Option<f64>);
 
-/// One request as remote control shows it (Celery's `Request.info()`).
+/// What remote control shows of a request (Celery's `Request.info()`), kept as plain fields:
+/// every task is recorded, few are ever inspected, so the JSON is built only when asked.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestSnapshot {
+    pub id: String,
+    pub name: String,
+    pub args: Vec<Value>,
+    pub kwargs: Map<String, Value>,
+    pub exchange: String,
+    pub routing_key: String,
+    pub priority: u8,
+    pub redelivered: bool,
+    /// Unix time the task started (`None` while reserved).
+    pub time_start: Option<f64>,
+    pub acknowledged: bool,
+}
+
+impl RequestSnapshot {
+    /// `Request.info()` of this request on worker `hostname`.
+    pub(crate) fn info(&self, hostname: &str) -> Map<String, Value> {
+        let json = serde_json::json!({
+            "id": self.id,
+            "name": self.name,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "type": self.name,
+            "hostname": hostname,
+            "time_start": self.time_start,
+            "acknowledged": self.acknowledged,
+            "delivery_info": {
+                "exchange": self.exchange,
+                "routing_key": self.routing_key,
+                "priority": self.priority,
+                "redelivered": self.redelivered,
+            },
+            "worker_pid": std::process::id(),
+        });
+        match json {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+}
+
+/// A running request: what remote control shows, and how to stop it.
 #[derive(Debug, Clone)]
 pub(crate) struct RequestInfo {
-    pub info: Map<String, Value>,
+    pub info: RequestSnapshot,
     pub terminate: CancellationToken,
 }
 
@@ -37,7 +81,7 @@ pub(crate) struct WorkerState {
     /// Stamped-header values revoked (`revoke_by_stamped_headers`): header → values.
     revoked_stamps: Mutex<HashMap<String, Vec<Value>>>,
     running: Mutex<HashMap<String, RequestInfo>>,
-    reserved: Mutex<HashMap<String, Map<String, Value>>>,
+    reserved: Mutex<HashMap<String, RequestSnapshot>>,
     totals: Mutex<BTreeMap<String, u64>>,
     rate_limits: Mutex<HashMap<String, Option<String>>>,
     time_limits: Mutex<HashMap<String, Limits>>,
@@ -122,8 +166,8 @@ impl WorkerState {
         lock(&self.revoked).1.iter().cloned().collect()
     }
 
-    pub(crate) fn reserve(&self, id: &str, info: Map<String, Value>) {
-        lock(&self.reserved).insert(id.to_owned(), info);
+    pub(crate) fn reserve(&self, info: RequestSnapshot) {
+        lock(&self.reserved).insert(info.id.clone(), info);
     }
 
     pub(crate) fn unreserve(&self, id: &str) {
@@ -131,12 +175,12 @@ impl WorkerState {
     }
 
     pub(crate) fn reserved(&self) -> Vec<Value> {
-        lock(&self.reserved).values().map(|i| Value::Object(i.clone())).collect()
+        lock(&self.reserved).values().map(|i| Value::Object(i.info(&self.hostname))).collect()
     }
 
-    pub(crate) fn start(&self, id: &str, info: Map<String, Value>) -> CancellationToken {
+    pub(crate) fn start(&self, info: RequestSnapshot) -> CancellationToken {
         let token = CancellationToken::new();
-        lock(&self.running).insert(id.to_owned(), RequestInfo { info, terminate: token.clone() });
+        lock(&self.running).insert(info.id.clone(), RequestInfo { info, terminate: token.clone() });
         token
     }
 
@@ -146,7 +190,7 @@ impl WorkerState {
     }
 
     pub(crate) fn running(&self) -> Vec<Value> {
-        lock(&self.running).values().map(|r| Value::Object(r.info.clone())).collect()
+        lock(&self.running).values().map(|r| Value::Object(r.info.info(&self.hostname))).collect()
     }
 
     pub(crate) fn active_count(&self) -> usize {

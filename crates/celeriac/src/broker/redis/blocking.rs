@@ -6,14 +6,14 @@
 //! loses it that way). So each watched list (one per queue and priority bucket) gets a
 //! *watcher*: a dedicated connection that runs `BLMOVE <list> <holding list> RIGHT LEFT`, where
 //! the holding list is this node's `celeriac.inflight.<node>.<list>`. The message is never only
-//! in flight: it is on the queue, in the holding list, or (after the claim script, which serves
+//! in flight: it is on the queue, in the holding list, or (after a claim, which serves
 //! holding lists first, priority 0 first) in kombu's `unacked`. Dead-node recovery gives back
 //! the holding lists of a node whose liveness key expired.
 //!
 //! A watcher blocks only while a fetch wants its list (`arm`); what it moves while nobody
 //! wants it goes straight back to the front of its list (`GIVE_BACK`), in order.
 //!
-//! Not for: claiming (`CLAIM` in `scripts.rs`) or recovery (`maintenance.rs`).
+//! Not for: claiming (`TAKE` in `scripts.rs`, recorded by `run_claim` in `mod.rs`) or recovery (`maintenance.rs`).
 
 use super::scripts::GIVE_BACK;
 use redis::aio::ConnectionManager;
@@ -46,6 +46,9 @@ struct Shared {
     wake: Notify,
     stop: CancellationToken,
     watches: Mutex<HashMap<String, Arc<Watch>>>,
+    /// Taken by a claim for its two steps and by every give-back: a give-back empties a
+    /// holding list, and must not take the tail a claim has taken but not recorded yet.
+    turn: tokio::sync::Mutex<()>,
 }
 
 /// One watched list.
@@ -91,6 +94,7 @@ impl Watchers {
                 wake: Notify::new(),
                 stop,
                 watches: Mutex::default(),
+                turn: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -123,6 +127,11 @@ impl Watchers {
             mine.push((watch, seen));
         }
         Interest { shared: self.shared.clone(), watches: mine }
+    }
+
+    /// Waits for the turn to touch the holding lists' tails (see [`Shared::turn`]).
+    pub async fn turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.shared.turn.lock().await
     }
 
     /// The holding lists of every watch started so far.
@@ -242,6 +251,11 @@ impl Drop for Interest {
 
 impl Shared {
     async fn give_back(&self, watch: &Watch) -> Result<u64, redis::RedisError> {
+        let _turn = self.turn.lock().await;
+        if lock(&watch.state).wanted > 0 {
+            // A fetch started meanwhile: its claim takes what is there.
+            return Ok(0);
+        }
         self.give_back.key(&watch.inflight).key(&watch.source).invoke_async(&mut self.conn.clone()).await
     }
 

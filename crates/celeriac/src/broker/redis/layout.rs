@@ -4,6 +4,7 @@
 
 use crate::protocol::pyjson;
 use serde_json::{Map, Value};
+use std::borrow::Cow;
 
 /// kombu's separator between a queue name and its priority bucket, and between the parts of
 /// a binding member.
@@ -186,6 +187,72 @@ pub(super) fn unpack_unacked(stored: &str) -> Option<Unacked> {
     Some(Unacked { payload: pyjson::to_vec(&envelope).ok()?, exchange, routing_key, priority })
 }
 
+/// The parts of an envelope that kombu's `unacked` entry needs, read without decoding the rest.
+#[derive(serde::Deserialize)]
+struct Head<'a> {
+    #[serde(default, borrow)]
+    properties: Option<HeadProperties<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeadProperties<'a> {
+    #[serde(default, borrow)]
+    delivery_tag: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    delivery_info: Option<HeadRoute<'a>>,
+}
+
+#[derive(serde::Deserialize)]
+struct HeadRoute<'a> {
+    #[serde(default, borrow)]
+    exchange: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    routing_key: Option<Cow<'a, str>>,
+}
+
+/// The `properties` object of an envelope, read from the last `"properties"` key on: kombu
+/// (and Celeriac) write it last, and the body before it is base64 or an escaped string, so
+/// only the headers are skipped unread. `None` when that does not parse as properties (the
+/// caller then reads the whole envelope).
+fn last_properties(envelope: &[u8]) -> Option<HeadProperties<'_>> {
+    const KEY: &[u8] = b"\"properties\"";
+    let at = memchr::memmem::rfind(envelope, KEY)? + KEY.len();
+    let rest = &envelope[at..];
+    let colon = rest.iter().position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'))?;
+    if rest[colon] != b':' {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_slice(&rest[colon + 1..]);
+    serde::Deserialize::deserialize(&mut de).ok()
+}
+
+/// kombu's `unacked` entry of a message taken from `queue`: its delivery tag and the value
+/// `[envelope, exchange, routing_key]` (the envelope's own bytes, not re-encoded). An envelope
+/// without a usable tag (not kombu's, or not JSON) gets a fresh one, so it can still be acked,
+/// restored and dead-lettered; without routing it is restored to `queue`.
+pub(super) fn unacked_entry(envelope: &[u8], queue: &str) -> (String, Vec<u8>) {
+    let props =
+        last_properties(envelope).or_else(|| serde_json::from_slice::<Head>(envelope).ok().and_then(|h| h.properties));
+    let (tag, route) = match props {
+        Some(p) => (p.delivery_tag, p.delivery_info),
+        None => (None, None),
+    };
+    let tag = tag.map_or_else(|| format!("celeriac-{}", uuid::Uuid::new_v4()), Cow::into_owned);
+    let (exchange, routing_key) = match route {
+        Some(r) => (r.exchange.unwrap_or_default(), r.routing_key.unwrap_or(Cow::Borrowed(queue))),
+        None => (Cow::Borrowed(""), Cow::Borrowed(queue)),
+    };
+    let mut value = Vec::with_capacity(envelope.len() + exchange.len() + routing_key.len() + 12);
+    value.push(b'[');
+    value.extend_from_slice(envelope);
+    value.extend_from_slice(b", ");
+    value.extend(pyjson::to_vec(exchange.as_ref()).unwrap_or_else(|_| b"\"\"".to_vec()));
+    value.extend_from_slice(b", ");
+    value.extend(pyjson::to_vec(routing_key.as_ref()).unwrap_or_else(|_| b"\"\"".to_vec()));
+    value.push(b']');
+    (tag, value)
+}
+
 /// The database number in a `redis://host:port/db` URL (0 when absent).
 pub(super) fn db_number(url: &str) -> i64 {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
@@ -254,6 +321,24 @@ mod tests {
         let env: Value = serde_json::from_slice(&u.payload).unwrap();
         assert_eq!(env["headers"]["redelivered"], true);
         assert_eq!(env["properties"]["delivery_info"]["redelivered"], true);
+    }
+
+    #[test]
+    fn unacked_entries_keep_the_envelope_bytes_and_its_routing() {
+        let env = br#"{"body": "e30=", "headers": {"task": "t"}, "properties": {"delivery_info": {"exchange": "ex", "routing_key": "jobs\u00e9"}, "delivery_tag": "tag-1"}}"#;
+        let (tag, value) = unacked_entry(env, "celery");
+        assert_eq!(tag, "tag-1");
+        let text = String::from_utf8(value).unwrap();
+        assert_eq!(text, format!("[{}, \"ex\", \"jobs\\u00e9\"]", std::str::from_utf8(env).unwrap()));
+        let u = unpack_unacked(&text).unwrap();
+        assert_eq!((u.exchange.as_str(), u.routing_key.as_str()), ("ex", "jobs\u{e9}"));
+        // Not an envelope at all: a fresh tag, restored to the queue it came from.
+        let (tag, value) = unacked_entry(b"not json", "celery");
+        assert!(tag.starts_with("celeriac-"), "{tag}");
+        assert_eq!(value, b"[not json, \"\", \"celery\"]");
+        // No delivery_info: the routing is the queue's.
+        let (_, value) = unacked_entry(br#"{"properties": {"delivery_tag": "x"}}"#, "jobs");
+        assert!(value.ends_with(br#", "", "jobs"]"#));
     }
 
     #[test]

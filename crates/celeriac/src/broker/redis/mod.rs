@@ -10,10 +10,11 @@
 //!   routing_key]`) and `unacked_index` sorted set (score = delivery time), so Python workers
 //!   can restore ours and we restore theirs after `visibility_timeout` (3600 s), under kombu's
 //!   `unacked_mutex`. A restore routes through `_kombu.binding.<exchange>` as kombu's does.
-//! - **Beyond kombu:** nothing is ever only in a reply. The claim into `unacked` is one Lua
-//!   script (kombu pops first and records later, losing the message if the worker dies in
-//!   between); an idle worker blocks on the server, moving into a per-node holding list
-//!   (`blocking.rs`). A worker renews the `unacked_index` score of what it holds, records its
+//! - **Beyond kombu:** nothing is ever only in a reply. A claim moves messages into a per-node
+//!   holding list in one Lua script (kombu pops first and records later, losing the message if
+//!   the worker dies in between), then records them in `unacked` and trims them from the
+//!   holding list in one MULTI; an idle worker blocks on the server, moving into the same
+//!   holding lists (`blocking.rs`). A worker renews the `unacked_index` score of what it holds, records its
 //!   claims in `celeriac.claims.<node>` and keeps `celeriac.alive.<node>` fresh from a timer of
 //!   its own (`maintenance.rs`); other Celeriac workers give a dead worker's messages back within
 //!   seconds instead of after the visibility timeout.
@@ -59,16 +60,11 @@ fn err(operation: &'static str) -> impl FnOnce(redis::RedisError) -> BrokerError
 /// delivery_info when a message is restored), found in the text without decoding the JSON:
 /// the body is base64 or an escaped string, so the quoted key can only be an envelope key.
 fn marked_redelivered(envelope: &[u8]) -> bool {
-    const KEY: &[u8] = b"\"redelivered\"";
-    let mut rest = envelope;
-    while let Some(at) = rest.windows(KEY.len()).position(|w| w == KEY) {
-        rest = &rest[at + KEY.len()..];
+    memchr::memmem::find_iter(envelope, b"\"redelivered\"").any(|at| {
+        let rest = &envelope[at + b"\"redelivered\"".len()..];
         let value = rest.iter().position(|b| !matches!(b, b' ' | b':' | b'\t' | b'\n' | b'\r')).map(|i| &rest[i..]);
-        if value.is_some_and(|v| v.starts_with(b"true")) {
-            return true;
-        }
-    }
-    false
+        value.is_some_and(|v| v.starts_with(b"true"))
+    })
 }
 
 fn now_secs() -> f64 {
@@ -242,36 +238,64 @@ impl Inner {
         Ok(deliveries)
     }
 
-    /// The claim script alone.
+    /// Takes messages into the holding lists (`TAKE`), then records them in kombu's `unacked`
+    /// and this node's claims and trims them from the holding lists, in one MULTI. Claims and
+    /// give-backs take turns (`Watchers::turn`): the trim relies on the taken messages being
+    /// the holding lists' tails, which only a blocking pop (at the head) changes in between.
     async fn run_claim(&self, queues: &[String], max: usize) -> Result<Vec<Delivery>, BrokerError> {
-        let mut invocation = self.scripts.claim.prepare_invoke();
+        let _one_at_a_time = self.watchers.turn().await;
+        let mut invocation = self.scripts.take.prepare_invoke();
+        let mut pairs = Vec::with_capacity(queues.len() * PRIORITY_STEPS.len());
         for q in queues {
             for step in PRIORITY_STEPS {
                 let list = self.keys.list(q, step);
-                invocation.key(self.keys.inflight(&list)).key(list);
+                let holding = self.keys.inflight(&list);
+                invocation.key(&holding).key(list);
+                pairs.push((holding, q.as_str()));
             }
         }
-        invocation.key(&self.keys.unacked).key(&self.keys.unacked_index).key(&self.keys.claims);
-        invocation.arg(max).arg(format!("{:.6}", now_secs()));
-        for q in queues {
-            for _ in PRIORITY_STEPS {
-                invocation.arg(q);
-            }
-        }
+        invocation.arg(max);
         let flat: Vec<Vec<u8>> = invocation.invoke_async(&mut self.conn()).await.map_err(err("fetch"))?;
-        Ok(flat
-            .chunks(3)
-            .filter(|c| c.len() == 3)
-            .map(|c| {
-                let redelivered = marked_redelivered(&c[2]);
-                Delivery {
-                    queue: String::from_utf8_lossy(&c[0]).into_owned(),
-                    tag: String::from_utf8_lossy(&c[1]).into_owned(),
-                    payload: c[2].clone(),
+        let number = |b: &[u8]| std::str::from_utf8(b).ok().and_then(|t| t.parse::<usize>().ok());
+        let now = format!("{:.6}", now_secs());
+        let (mut unacked, mut index, mut claims) = (redis::cmd("HSET"), redis::cmd("ZADD"), redis::cmd("HSET"));
+        unacked.arg(&self.keys.unacked);
+        index.arg(&self.keys.unacked_index);
+        claims.arg(&self.keys.claims);
+        let mut trims = Vec::new();
+        let mut deliveries = Vec::new();
+        let mut rest = flat.into_iter();
+        while let (Some(p), Some(k)) = (rest.next(), rest.next()) {
+            let (Some(p), Some(k)) = (number(&p), number(&k)) else { break };
+            let Some((holding, queue)) = p.checked_sub(1).and_then(|i| pairs.get(i)) else { break };
+            trims.push((holding, k));
+            for payload in rest.by_ref().take(k) {
+                let (tag, value) = layout::unacked_entry(&payload, queue);
+                unacked.arg(&tag).arg(value);
+                index.arg(&now).arg(&tag);
+                claims.arg(&tag).arg(&now);
+                let redelivered = marked_redelivered(&payload);
+                deliveries.push(Delivery {
+                    queue: (*queue).to_owned(),
+                    tag,
+                    payload,
                     delivery_count: if redelivered { 2 } else { 1 },
-                }
-            })
-            .collect())
+                });
+            }
+        }
+        if trims.is_empty() {
+            return Ok(deliveries);
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        if !deliveries.is_empty() {
+            pipe.add_command(unacked).ignore().add_command(index).ignore().add_command(claims).ignore();
+        }
+        for (holding, k) in trims {
+            pipe.cmd("LTRIM").arg(holding).arg(0).arg(-(k as i64) - 1).ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn()).await.map_err(err("fetch"))?;
+        Ok(deliveries)
     }
 
     fn settled(&self, tag: &str) {

@@ -4,75 +4,45 @@
 //! a node can tell its own claim from a later one of the same message (kombu reuses a
 //! message's delivery tag when it is restored and delivered again).
 
-/// Takes up to `ARGV[1]` messages and records each as unacked in kombu's layout, in one
-/// atomic step. KEYS: pairs `(inflight list, queue list)` in the order to serve (priority 0
-/// first), then `unacked`, `unacked_index`, the node's claims hash. ARGV: max, now (float
-/// seconds), then the queue name of each pair. Returns a flat list `queue, tag, envelope`.
-pub(super) const CLAIM: &str = r#"
+/// Takes up to `ARGV[1]` messages into this node's holding lists, without looking inside them:
+/// first what a holding list already holds (a blocking pop's move, or a take whose recording
+/// failed), then from its queue list, pair by pair (priority 0 first). What it takes from a
+/// queue list is appended at the tail of the holding list, so the messages a take returns are
+/// always the last ones of their holding list: the recording step (`mod.rs`, one MULTI with
+/// kombu's `unacked` entries) trims exactly those, while a blocking pop may add more at the head.
+/// A worker that dies in between leaves them in a holding list, which recovery gives back.
+/// Parsing the envelopes happens in the worker: in Lua it cost more than every write.
+/// KEYS: pairs `(holding list, queue list)` in the order to serve. ARGV: max.
+/// Returns, for each pair it took from: the pair's number (from 1), the count, then the
+/// messages, oldest first.
+pub(super) const TAKE: &str = r#"
 local n = tonumber(ARGV[1])
-local now = ARGV[2]
-local nkeys = #KEYS
-local unacked, index, claims = KEYS[nkeys - 2], KEYS[nkeys - 1], KEYS[nkeys]
 local out = {}
 local got = 0
--- The writes go out as a few variadic calls per batch (each redis.call costs more than
--- the command it runs), in chunks that stay well inside Lua's unpack limit.
-local hu, zi, hc = {}, {}, {}
--- The text of a JSON string field at or after `from`, with either spacing after the colon
--- (kombu writes '": "', compact JSON '":"'), found by plain search: Lua patterns cost more than
--- every write of this script put together.
-local function field(m, spaced, compact, from)
-  local _, e = string.find(m, spaced, from, true)
-  if not e then _, e = string.find(m, compact, from, true) end
-  if not e then return nil end
-  local close = string.find(m, '"', e + 1, true)
-  if not close then return nil end
-  return string.sub(m, e + 1, close - 1)
-end
-local function flush()
-  if #hu > 0 then
-    redis.call('HSET', unacked, unpack(hu))
-    redis.call('ZADD', index, unpack(zi))
-    redis.call('HSET', claims, unpack(hc))
-    hu, zi, hc = {}, {}, {}
+for p = 1, #KEYS / 2 do
+  if got >= n then break end
+  local holding, source = KEYS[2 * p - 1], KEYS[2 * p]
+  local held = redis.call('LRANGE', holding, -(n - got), -1)
+  local popped = {}
+  if got + #held < n then
+    popped = redis.call('RPOP', source, n - got - #held) or {}
   end
-end
-for p = 1, (nkeys - 3) / 2 do
-  local queue = ARGV[2 + p]
-  for j = 0, 1 do
-    local source = KEYS[2 * p - 1 + j]
-    if got < n then
-      local popped = redis.call('RPOP', source, n - got)
-      if popped then
-        for _, m in ipairs(popped) do
-          -- The tag and routing of the envelope, found in its text (decoding the whole
-          -- JSON envelope here would cost more than everything else this script does).
-          -- They are copied as JSON string text, escapes and all, so quoting them again
-          -- gives the same JSON strings.
-          local tag = field(m, '"delivery_tag": "', '"delivery_tag":"', 1)
-          local at = string.find(m, '"delivery_info"', 1, true) or 1
-          local ex = field(m, '"exchange": "', '"exchange":"', at)
-          local rk = field(m, '"routing_key": "', '"routing_key":"', at)
-          if type(tag) ~= 'string' then tag = 'celeriac-' .. redis.sha1hex(m .. now .. got) end
-          if type(ex) ~= 'string' then ex = '' end
-          if type(rk) ~= 'string' then rk = queue end
-          hu[#hu + 1] = tag
-          hu[#hu + 1] = '[' .. m .. ', "' .. ex .. '", "' .. rk .. '"]'
-          zi[#zi + 1] = now
-          zi[#zi + 1] = tag
-          hc[#hc + 1] = tag
-          hc[#hc + 1] = now
-          got = got + 1
-          out[#out + 1] = queue
-          out[#out + 1] = tag
-          out[#out + 1] = m
-          if #hu >= 1000 then flush() end
-        end
-      end
+  local k = #held + #popped
+  if k > 0 then
+    out[#out + 1] = tostring(p)
+    out[#out + 1] = tostring(k)
+    -- The tail of a holding list is its oldest message.
+    for i = #held, 1, -1 do out[#out + 1] = held[i] end
+    for i = 1, #popped do out[#out + 1] = popped[i] end
+    -- Appended oldest last, so the tail stays the oldest; in chunks inside unpack's limit.
+    local rev = {}
+    for i = #popped, 1, -1 do rev[#rev + 1] = popped[i] end
+    for s = 1, #rev, 1000 do
+      redis.call('RPUSH', holding, unpack(rev, s, math.min(s + 999, #rev)))
     end
+    got = got + k
   end
 end
-flush()
 return out
 "#;
 
@@ -200,7 +170,7 @@ return 0
 
 /// The scripts, loaded once per broker.
 pub(super) struct Scripts {
-    pub claim: redis::Script,
+    pub take: redis::Script,
     pub renew: redis::Script,
     pub restore: redis::Script,
     pub promote: redis::Script,
@@ -212,7 +182,7 @@ pub(super) struct Scripts {
 impl Scripts {
     pub fn new() -> Self {
         Scripts {
-            claim: redis::Script::new(CLAIM),
+            take: redis::Script::new(TAKE),
             renew: redis::Script::new(RENEW),
             restore: redis::Script::new(RESTORE),
             promote: redis::Script::new(PROMOTE),

@@ -43,6 +43,7 @@ async fn run(app: &App, job: Job) -> Reply {
     let mut effective = Effective::new(app, task.as_ref(), &message);
     effective.time_limit = None;
     effective.soft_time_limit = job.soft_time_limit;
+    let message = std::sync::Arc::new(message);
     let request = executor::request(app, &message, &body, &job.hostname, job.redelivered, false);
     let children = request.children.clone();
     let result = executor::run_task(task, request, &effective, true)
