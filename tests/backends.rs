@@ -26,6 +26,27 @@ async fn contract(backend: Arc<dyn ResultBackend>, self_expiring: bool) {
     let got = backend.get(id).await.unwrap().unwrap();
     assert_eq!((got.status, got.result), (State::Success, json!(42)), "SUCCESS survives a later write");
 
+    // Writes of one task sent together (one batch, where the backend batches) apply in order.
+    let same = [
+        ResultMeta::new("t-4", State::Started, json!(null)),
+        ResultMeta::new("t-4", State::Success, json!(4)),
+        ResultMeta::exception("t-4", State::Failure, &ExceptionInfo::new("E", "late", "rust"), None),
+    ];
+    let (a, b, c) =
+        tokio::join!(backend.store(&same[0], None), backend.store(&same[1], None), backend.store(&same[2], None));
+    assert_eq!(
+        (a.unwrap(), b.unwrap(), c.unwrap()),
+        (StoreOutcome::Stored, StoreOutcome::Stored, StoreOutcome::KeptSuccess)
+    );
+    assert_eq!(backend.get("t-4").await.unwrap().unwrap().result, json!(4));
+    // Many at once (more than one statement's worth): every one written and readable.
+    let many: Vec<ResultMeta> = (0..450).map(|i| ResultMeta::new(format!("m-{i}"), State::Success, json!(i))).collect();
+    let outcomes = futures::future::join_all(many.iter().map(|m| backend.store(m, None))).await;
+    assert!(outcomes.into_iter().all(|o| o.unwrap() == StoreOutcome::Stored));
+    for (i, m) in many.iter().enumerate().step_by(37) {
+        assert_eq!(backend.get(&m.task_id).await.unwrap().unwrap().result, json!(i));
+    }
+
     let short = ResultMeta::new("t-2", State::Success, json!("x"));
     backend.store(&short, Some(Duration::from_millis(50))).await.unwrap();
     assert!(backend.get("t-2").await.unwrap().is_some());

@@ -60,29 +60,42 @@ pub struct SqliteBackend {
 /// One result write: task id, status, the record, its expiry (Unix ms).
 type ResultRow = (String, String, Vec<u8>, Option<i64>);
 
-/// Writes a batch in one transaction. The upsert refuses to replace a SUCCESS row, so a late
-/// duplicate (in this batch or an earlier one) cannot undo a result.
+/// Writes a batch with one statement per chunk (each statement is a round trip to sqlx's
+/// connection thread). The upsert refuses to replace a SUCCESS row, so a late duplicate cannot
+/// undo a result; a chunk never holds one task twice, so the rows it returns (those written)
+/// tell each write's outcome, and a later write of a task comes after its earlier one.
 async fn store_many(pool: &SqlitePool, rows: &[ResultRow]) -> Result<Vec<StoreOutcome>, sqlx::Error> {
     let now = now_millis();
-    let mut tx = pool.begin().await?;
     let mut out = Vec::with_capacity(rows.len());
-    for (task_id, status, meta, expires_at) in rows {
-        let done = sqlx::query(
-            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES (?, ?, ?, ?, ?)
+    let mut start = 0;
+    while start < rows.len() {
+        let mut ids = std::collections::HashSet::new();
+        let end = rows[start..]
+            .iter()
+            .take(200)
+            .position(|r| !ids.insert(r.0.as_str()))
+            .map_or((start + 200).min(rows.len()), |i| start + i);
+        let chunk = &rows[start..end];
+        let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        // Only placeholders are interpolated; the values are bound.
+        let sql = format!(
+            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES {values}
              ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
                  updated_at = excluded.updated_at, expires_at = excluded.expires_at
-             WHERE celeriac_results.status <> 'SUCCESS'",
-        )
-        .bind(task_id)
-        .bind(status)
-        .bind(meta)
-        .bind(now)
-        .bind(*expires_at)
-        .execute(&mut *tx)
-        .await?;
-        out.push(if done.rows_affected() == 1 { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess });
+             WHERE celeriac_results.status <> 'SUCCESS'
+             RETURNING task_id"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (task_id, status, meta, expires_at) in chunk {
+            q = q.bind(task_id).bind(status).bind(meta).bind(now).bind(*expires_at);
+        }
+        let written: std::collections::HashSet<String> =
+            q.fetch_all(pool).await?.iter().map(|r| r.get::<String, _>("task_id")).collect();
+        out.extend(
+            chunk.iter().map(|r| if written.contains(&r.0) { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess }),
+        );
+        start = end;
     }
-    tx.commit().await?;
     Ok(out)
 }
 

@@ -90,21 +90,24 @@ async fn create_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Acks a batch in one transaction: each message is deleted only while its lease is still the
-/// one delivered (`true`), a lease lost to another delivery leaves it alone (`false`).
+/// Acks a batch with one statement per chunk (each statement is a round trip to sqlx's
+/// connection thread): each message is deleted only while its lease is still the one delivered
+/// (`true`); a lease lost to another delivery leaves it alone (`false`).
 async fn ack_many(pool: &SqlitePool, tags: &[(i64, String)]) -> Result<Vec<bool>, sqlx::Error> {
-    let mut tx = pool.begin().await?;
-    let mut out = Vec::with_capacity(tags.len());
-    for (id, token) in tags {
-        let done = sqlx::query("DELETE FROM celeriac_messages WHERE id = ? AND lease_token = ?")
-            .bind(id)
-            .bind(token)
-            .execute(&mut *tx)
-            .await?;
-        out.push(done.rows_affected() == 1);
+    let mut deleted = std::collections::HashSet::new();
+    for chunk in tags.chunks(400) {
+        let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
+        // Only placeholders are interpolated; ids and tokens are bound.
+        let sql = format!("DELETE FROM celeriac_messages WHERE (id, lease_token) IN (VALUES {pairs}) RETURNING id");
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (id, token) in chunk {
+            q = q.bind(id).bind(token);
+        }
+        for row in q.fetch_all(pool).await? {
+            deleted.insert(row.get::<i64, _>("id"));
+        }
     }
-    tx.commit().await?;
-    Ok(out)
+    Ok(tags.iter().map(|(id, _)| deleted.contains(id)).collect())
 }
 
 /// The SQLite broker.

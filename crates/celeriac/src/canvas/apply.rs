@@ -38,12 +38,18 @@ pub(crate) struct Ctx {
     pub current: Option<Current>,
     /// Headers added to every message sent (Celeriac's saga state).
     pub headers: Map<String, Value>,
+    /// While a group is applied: its messages, published together at the end (one broker
+    /// batch instead of a round trip per member).
+    pub outbox: Option<Outbox>,
 }
+
+/// Messages built and not sent yet: `(queue, message)`.
+pub(crate) type Outbox = Arc<Mutex<Vec<(String, crate::protocol::Message)>>>;
 
 impl Ctx {
     /// A client context (no current task).
     pub fn client(app: &App) -> Ctx {
-        Ctx { app: app.clone(), current: None, headers: Map::new() }
+        Ctx { app: app.clone(), current: None, headers: Map::new(), outbox: None }
     }
 
     /// `task_allow_error_cb_on_chord_header`.
@@ -221,7 +227,13 @@ pub(crate) async fn send_task(ctx: &Ctx, mut sig: crate::protocol::Signature) ->
         }
         sig.options.insert("headers".into(), Value::Object(headers));
     }
-    super::send::send_one(app, sig).await?;
+    match &ctx.outbox {
+        Some(outbox) if !app.config().task_always_eager => {
+            let built = super::send::build_message(app, &sig, chrono::Utc::now())?;
+            outbox.lock().unwrap_or_else(PoisonError::into_inner).push(built);
+        }
+        _ => super::send::send_one(app, sig).await?,
+    }
     let res = Res::task(task_id);
     if add_to_parent && let Some(cur) = &ctx.current {
         cur.add_trail(&res);

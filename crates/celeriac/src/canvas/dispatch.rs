@@ -29,6 +29,7 @@ pub(crate) fn ctx_of(call: &Call, headers: Map<String, Value>) -> Ctx {
             trail: call.request.children.clone(),
         }),
         headers,
+        outbox: None,
     }
 }
 

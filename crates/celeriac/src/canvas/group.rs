@@ -101,6 +101,17 @@ async fn apply_tasks(
     kwargs: &Map<String, Value>,
     options: &Map<String, Value>,
 ) -> Result<Vec<Res>, Error> {
+    // The members' messages go out together at the end (one broker batch); a chord's size is
+    // recorded before any of them is sent. A group inside a group joins the outer batch.
+    let batched;
+    let (ctx, outbox) = match &ctx.outbox {
+        None if !ctx.app.config().task_always_eager => {
+            let outbox = super::apply::Outbox::default();
+            batched = Ctx { outbox: Some(outbox.clone()), ..ctx.clone() };
+            (&batched, Some(outbox))
+        }
+        _ => (ctx, None),
+    };
     let mut chord_size = 0usize;
     let n = members.len();
     let mut results = Vec::with_capacity(n);
@@ -117,6 +128,11 @@ async fn apply_tasks(
         }
         apply_any(ctx, sig, Call { args: args.to_vec(), kwargs: kwargs.clone(), options: call_options }).await?;
         results.push(res);
+    }
+    if let Some(outbox) = outbox {
+        let built = std::mem::take(&mut *outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let refs: Vec<(&str, &crate::protocol::Message)> = built.iter().map(|(q, m)| (q.as_str(), m)).collect();
+        ctx.app.broker().publish_many(&refs).await?;
     }
     Ok(results)
 }

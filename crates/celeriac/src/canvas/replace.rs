@@ -25,6 +25,7 @@ fn ctx_of(request: &Request) -> Ctx {
             trail: request.children.clone(),
         }),
         headers: Map::new(),
+        outbox: None,
     }
 }
 

@@ -248,7 +248,7 @@ async fn send_step(app: &App, record: &Rollback, index: usize) {
         ROLLBACK.into(),
         serde_json::json!({"root_id": record.root_id, "key": record.chain_result_id, "index": index}),
     );
-    let ctx = Ctx { app: app.clone(), current: None, headers };
+    let ctx = Ctx { app: app.clone(), current: None, headers, outbox: None };
     let sent = match Sig::from_signature(sig) {
         Ok(sig) => apply_async(&ctx, sig, Apply::default()).await.map(|_| ()),
         Err(e) => Err(super::apply::canvas_error("compensation", e)),

@@ -55,6 +55,7 @@ pub(crate) async fn apply_from(request: &Request, signature: Signature) -> Resul
             trail: request.children.clone(),
         }),
         headers: Map::new(),
+        outbox: None,
     };
     let sig = Sig::from_signature(signature).map_err(|e| super::apply::canvas_error("signature", e))?;
     let res = super::apply::apply_async(&ctx, sig, Call::default()).await?;
