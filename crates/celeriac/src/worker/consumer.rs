@@ -186,9 +186,16 @@ async fn fetch_loop(ctx: &Arc<Ctx>, tracker: &TaskTracker) {
             }
             continue;
         }
+        // Armed before the queues are read, so a change right after is not missed.
+        let queues_changed = ctx.state.queues_changed.notified();
+        tokio::pin!(queues_changed);
+        queues_changed.as_mut().enable();
         let queues = ctx.state.queues();
         let fetched = tokio::select! {
             r = ctx.app.broker().fetch(&queues, room, ctx.options.poll_wait) => r,
+            // The fetch is dropped: what it moved or claimed and did not return is given back
+            // by the broker (holding lists, lost claims).
+            _ = &mut queues_changed => continue,
             _ = ctx.shutdown.graceful_requested() => return,
         };
         match fetched {

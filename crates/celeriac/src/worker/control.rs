@@ -234,11 +234,16 @@ impl Control {
                 if !queues.contains(&queue) {
                     queues.push(queue.clone());
                 }
+                drop(queues);
+                self.state.queues_changed.notify_waiters();
                 ok(format!("add consumer {queue}"))
             }
             "cancel_consumer" => {
                 let Some(queue) = text("queue") else { return Some(json!({"error": "queue is required"})) };
                 self.state.queues.write().unwrap_or_else(std::sync::PoisonError::into_inner).retain(|q| *q != queue);
+                // As kombu's basic_cancel: nothing more is taken from it, not even by the
+                // fetch waiting right now.
+                self.state.queues_changed.notify_waiters();
                 ok(format!("no longer consuming from {queue}"))
             }
             // The shutdown itself starts once the reply is sent (see `handle`).

@@ -74,6 +74,9 @@ pub(crate) struct RequestInfo {
 pub(crate) struct WorkerState {
     pub hostname: String,
     pub queues: RwLock<Vec<String>>,
+    /// Told when `queues` changes (`add_consumer` / `cancel_consumer`): a fetch in progress
+    /// stops, and the next one asks for the new queues at once.
+    pub queues_changed: tokio::sync::Notify,
     pub task_events: AtomicBool,
     pub clock: AtomicU64,
     pub started: std::time::Instant,
@@ -92,6 +95,7 @@ impl WorkerState {
         WorkerState {
             hostname,
             queues: RwLock::new(queues),
+            queues_changed: tokio::sync::Notify::new(),
             task_events: AtomicBool::new(task_events),
             clock: AtomicU64::new(0),
             started: std::time::Instant::now(),
