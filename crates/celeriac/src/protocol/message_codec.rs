@@ -69,15 +69,55 @@ impl<'de, F> Visitor<'de> for KeySeed<F> {
     }
 }
 
-/// Stores a named field's value. A second occurrence is an error, which sends the message to the
-/// reference path: there the envelope's `Value` maps keep the last value instead.
-macro_rules! set_once {
-    ($slot:ident, $name:literal, $value:expr) => {{
-        if $slot.is_some() {
-            return Err(de::Error::duplicate_field($name));
+/// The named fields seen so far, one bit each. A second occurrence is an error, which sends the
+/// message to the reference path: there the envelope's `Value` maps keep the last value instead.
+struct Seen(u32);
+
+impl Seen {
+    fn first<E: de::Error>(&mut self, index: usize, names: &'static [&'static str]) -> Result<(), E> {
+        let bit = 1 << index;
+        if self.0 & bit != 0 {
+            return Err(E::duplicate_field(names[index]));
         }
-        $slot = Some($value);
-    }};
+        self.0 |= bit;
+        Ok(())
+    }
+
+    fn has(&self, index: usize) -> bool {
+        self.0 & (1 << index) != 0
+    }
+}
+
+/// Deserializes an `Option` through a seed that writes in place: `null` leaves the target as it
+/// is (at its default).
+struct OrNull<S>(S);
+
+impl<'de, S: DeserializeSeed<'de, Value = ()>> DeserializeSeed<'de> for OrNull<S> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de, Value = ()>> Visitor<'de> for OrNull<S> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("option")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        self.0.deserialize(d)
+    }
 }
 
 /// `null` reads as the default (the reference's `null_default`).
@@ -162,99 +202,91 @@ fn header_field(key: &str) -> Option<H> {
 
 type Limits = (Option<Number>, Option<Number>);
 
-/// [`TaskHeaders`] read in one pass.
-struct FastHeaders(TaskHeaders);
-
-impl<'de> Deserialize<'de> for FastHeaders {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(HeadersVisitor)
+/// Headers with every field at what its absence reads as.
+fn blank_headers() -> TaskHeaders {
+    TaskHeaders {
+        lang: String::new(),
+        task: String::new(),
+        id: String::new(),
+        shadow: None,
+        eta: None,
+        expires: None,
+        group: None,
+        group_index: None,
+        retries: 0,
+        timelimit: (None, None),
+        root_id: None,
+        parent_id: None,
+        argsrepr: None,
+        kwargsrepr: None,
+        origin: None,
+        ignore_result: false,
+        replaced_task_nesting: 0,
+        stamped_headers: None,
+        stamps: Map::new(),
+        extra: Map::new(),
     }
 }
 
-struct HeadersVisitor;
+/// Reads headers into blank [`TaskHeaders`], in place (the struct is large: moving it through
+/// every layer of serde costs more than reading a field).
+struct HeadersInto<'a>(&'a mut TaskHeaders);
 
-impl<'de> Visitor<'de> for HeadersVisitor {
-    type Value = FastHeaders;
+impl<'de> DeserializeSeed<'de> for HeadersInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for HeadersInto<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("task message headers")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastHeaders, A::Error> {
-        let mut lang: Option<String> = None;
-        let mut task: Option<String> = None;
-        let mut id: Option<String> = None;
-        let mut shadow: Option<Option<String>> = None;
-        let mut eta: Option<Option<String>> = None;
-        let mut expires: Option<Option<String>> = None;
-        let mut group: Option<Option<String>> = None;
-        let mut group_index: Option<Option<u64>> = None;
-        let mut retries: Option<u32> = None;
-        let mut timelimit: Option<Limits> = None;
-        let mut root_id: Option<Option<String>> = None;
-        let mut parent_id: Option<Option<String>> = None;
-        let mut argsrepr: Option<Option<String>> = None;
-        let mut kwargsrepr: Option<Option<String>> = None;
-        let mut origin: Option<Option<String>> = None;
-        let mut ignore_result: Option<bool> = None;
-        let mut replaced_task_nesting: Option<u32> = None;
-        let mut stamped_headers: Option<Option<Value>> = None;
-        let mut stamps: Option<Map<String, Value>> = None;
-        let mut extra = Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let h = self.0;
+        let mut seen = Seen(0);
         while let Some(key) = map.next_key_seed(KeySeed(header_field))? {
-            match key {
-                Key::Field(H::Lang) => set_once!(lang, "lang", or_default(map.next_value()?)),
-                Key::Field(H::Task) => set_once!(task, "task", map.next_value()?),
-                Key::Field(H::Id) => set_once!(id, "id", map.next_value()?),
-                Key::Field(H::Shadow) => set_once!(shadow, "shadow", map.next_value()?),
-                Key::Field(H::Eta) => set_once!(eta, "eta", map.next_value()?),
-                Key::Field(H::Expires) => set_once!(expires, "expires", map.next_value()?),
-                Key::Field(H::Group) => set_once!(group, "group", map.next_value()?),
-                Key::Field(H::GroupIndex) => set_once!(group_index, "group_index", map.next_value()?),
-                Key::Field(H::Retries) => set_once!(retries, "retries", or_default(map.next_value()?)),
-                Key::Field(H::Timelimit) => {
-                    set_once!(timelimit, "timelimit", map.next_value::<Option<Limits>>()?.unwrap_or((None, None)))
-                }
-                Key::Field(H::RootId) => set_once!(root_id, "root_id", map.next_value()?),
-                Key::Field(H::ParentId) => set_once!(parent_id, "parent_id", map.next_value()?),
-                Key::Field(H::Argsrepr) => set_once!(argsrepr, "argsrepr", map.next_value()?),
-                Key::Field(H::Kwargsrepr) => set_once!(kwargsrepr, "kwargsrepr", map.next_value()?),
-                Key::Field(H::Origin) => set_once!(origin, "origin", map.next_value()?),
-                Key::Field(H::IgnoreResult) => {
-                    set_once!(ignore_result, "ignore_result", or_default(map.next_value()?))
-                }
-                Key::Field(H::ReplacedTaskNesting) => {
-                    set_once!(replaced_task_nesting, "replaced_task_nesting", or_default(map.next_value()?))
-                }
-                Key::Field(H::StampedHeaders) => set_once!(stamped_headers, "stamped_headers", map.next_value()?),
-                Key::Field(H::Stamps) => set_once!(stamps, "stamps", or_default(map.next_value()?)),
+            let field = match key {
+                Key::Field(field) => field,
                 Key::Other(key) => {
-                    extra.insert(key, map.next_value()?);
+                    h.extra.insert(key, map.next_value()?);
+                    continue;
                 }
+            };
+            seen.first(field as usize, HEADER_FIELDS)?;
+            match field {
+                H::Lang => h.lang = or_default(map.next_value()?),
+                H::Task => h.task = map.next_value()?,
+                H::Id => h.id = map.next_value()?,
+                H::Shadow => h.shadow = map.next_value()?,
+                H::Eta => h.eta = map.next_value()?,
+                H::Expires => h.expires = map.next_value()?,
+                H::Group => h.group = map.next_value()?,
+                H::GroupIndex => h.group_index = map.next_value()?,
+                H::Retries => h.retries = or_default(map.next_value()?),
+                H::Timelimit => h.timelimit = map.next_value::<Option<Limits>>()?.unwrap_or((None, None)),
+                H::RootId => h.root_id = map.next_value()?,
+                H::ParentId => h.parent_id = map.next_value()?,
+                H::Argsrepr => h.argsrepr = map.next_value()?,
+                H::Kwargsrepr => h.kwargsrepr = map.next_value()?,
+                H::Origin => h.origin = map.next_value()?,
+                H::IgnoreResult => h.ignore_result = or_default(map.next_value()?),
+                H::ReplacedTaskNesting => h.replaced_task_nesting = or_default(map.next_value()?),
+                H::StampedHeaders => h.stamped_headers = map.next_value()?,
+                H::Stamps => h.stamps = or_default(map.next_value()?),
             }
         }
-        Ok(FastHeaders(TaskHeaders {
-            lang: lang.unwrap_or_default(),
-            task: task.ok_or_else(|| de::Error::missing_field("task"))?,
-            id: id.ok_or_else(|| de::Error::missing_field("id"))?,
-            shadow: shadow.flatten(),
-            eta: eta.flatten(),
-            expires: expires.flatten(),
-            group: group.flatten(),
-            group_index: group_index.flatten(),
-            retries: retries.unwrap_or_default(),
-            timelimit: timelimit.unwrap_or((None, None)),
-            root_id: root_id.flatten(),
-            parent_id: parent_id.flatten(),
-            argsrepr: argsrepr.flatten(),
-            kwargsrepr: kwargsrepr.flatten(),
-            origin: origin.flatten(),
-            ignore_result: ignore_result.unwrap_or_default(),
-            replaced_task_nesting: replaced_task_nesting.unwrap_or_default(),
-            stamped_headers: stamped_headers.flatten(),
-            stamps: stamps.unwrap_or_default(),
-            extra,
-        }))
+        for required in [H::Task, H::Id] {
+            if !seen.has(required as usize) {
+                return Err(de::Error::missing_field(HEADER_FIELDS[required as usize]));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -300,60 +332,48 @@ fn property_field(key: &str) -> Option<P> {
     })
 }
 
-/// [`Properties`] read in one pass.
-struct FastProperties(Properties);
+/// Reads properties into [`Properties::empty`], in place.
+struct PropertiesInto<'a>(&'a mut Properties);
 
-impl<'de> Deserialize<'de> for FastProperties {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(PropertiesVisitor)
+impl<'de> DeserializeSeed<'de> for PropertiesInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-struct PropertiesVisitor;
-
-impl<'de> Visitor<'de> for PropertiesVisitor {
-    type Value = FastProperties;
+impl<'de> Visitor<'de> for PropertiesInto<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("message properties")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastProperties, A::Error> {
-        let mut correlation_id: Option<Option<String>> = None;
-        let mut reply_to: Option<Option<String>> = None;
-        let mut delivery_mode: Option<Option<u8>> = None;
-        let mut expiration: Option<Option<String>> = None;
-        let mut delivery_info: Option<FastDeliveryInfo> = None;
-        let mut priority: Option<u8> = None;
-        let mut body_encoding: Option<Option<String>> = None;
-        let mut delivery_tag: Option<Option<String>> = None;
-        let mut extra = Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let p = self.0;
+        let mut seen = Seen(0);
         while let Some(key) = map.next_key_seed(KeySeed(property_field))? {
-            match key {
-                Key::Field(P::CorrelationId) => set_once!(correlation_id, "correlation_id", map.next_value()?),
-                Key::Field(P::ReplyTo) => set_once!(reply_to, "reply_to", map.next_value()?),
-                Key::Field(P::DeliveryMode) => set_once!(delivery_mode, "delivery_mode", map.next_value()?),
-                Key::Field(P::Expiration) => set_once!(expiration, "expiration", map.next_value()?),
-                Key::Field(P::DeliveryInfo) => set_once!(delivery_info, "delivery_info", map.next_value()?),
-                Key::Field(P::Priority) => set_once!(priority, "priority", map.next_value()?),
-                Key::Field(P::BodyEncoding) => set_once!(body_encoding, "body_encoding", map.next_value()?),
-                Key::Field(P::DeliveryTag) => set_once!(delivery_tag, "delivery_tag", map.next_value()?),
+            let field = match key {
+                Key::Field(field) => field,
                 Key::Other(key) => {
-                    extra.insert(key, map.next_value()?);
+                    p.extra.insert(key, map.next_value()?);
+                    continue;
                 }
+            };
+            seen.first(field as usize, PROPERTY_FIELDS)?;
+            match field {
+                P::CorrelationId => p.correlation_id = map.next_value()?,
+                P::ReplyTo => p.reply_to = map.next_value()?,
+                P::DeliveryMode => p.delivery_mode = map.next_value()?,
+                P::Expiration => p.expiration = map.next_value()?,
+                P::DeliveryInfo => map.next_value_seed(DeliveryInfoInto(&mut p.delivery_info))?,
+                P::Priority => p.priority = map.next_value()?,
+                P::BodyEncoding => p.body_encoding = map.next_value()?,
+                P::DeliveryTag => p.delivery_tag = map.next_value()?,
             }
         }
-        Ok(FastProperties(Properties {
-            correlation_id: correlation_id.flatten(),
-            reply_to: reply_to.flatten(),
-            delivery_mode: delivery_mode.flatten(),
-            expiration: expiration.flatten(),
-            delivery_info: delivery_info.map(|d| d.0).unwrap_or_default(),
-            priority: priority.unwrap_or_default(),
-            body_encoding: body_encoding.flatten(),
-            delivery_tag: delivery_tag.flatten(),
-            extra,
-        }))
+        Ok(())
     }
 }
 
@@ -374,42 +394,42 @@ fn delivery_info_field(key: &str) -> Option<Di> {
     }
 }
 
-/// [`DeliveryInfo`] read in one pass.
-struct FastDeliveryInfo(DeliveryInfo);
+/// Reads `delivery_info` into a default [`DeliveryInfo`], in place.
+struct DeliveryInfoInto<'a>(&'a mut DeliveryInfo);
 
-impl<'de> Deserialize<'de> for FastDeliveryInfo {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(DeliveryInfoVisitor)
+impl<'de> DeserializeSeed<'de> for DeliveryInfoInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-struct DeliveryInfoVisitor;
-
-impl<'de> Visitor<'de> for DeliveryInfoVisitor {
-    type Value = FastDeliveryInfo;
+impl<'de> Visitor<'de> for DeliveryInfoInto<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("delivery info")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastDeliveryInfo, A::Error> {
-        let mut exchange: Option<String> = None;
-        let mut routing_key: Option<String> = None;
-        let mut extra = Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let d = self.0;
+        let mut seen = Seen(0);
         while let Some(key) = map.next_key_seed(KeySeed(delivery_info_field))? {
-            match key {
-                Key::Field(Di::Exchange) => set_once!(exchange, "exchange", map.next_value()?),
-                Key::Field(Di::RoutingKey) => set_once!(routing_key, "routing_key", map.next_value()?),
+            let field = match key {
+                Key::Field(field) => field,
                 Key::Other(key) => {
-                    extra.insert(key, map.next_value()?);
+                    d.extra.insert(key, map.next_value()?);
+                    continue;
                 }
+            };
+            seen.first(field as usize, DELIVERY_INFO_FIELDS)?;
+            match field {
+                Di::Exchange => d.exchange = map.next_value()?,
+                Di::RoutingKey => d.routing_key = map.next_value()?,
             }
         }
-        Ok(FastDeliveryInfo(DeliveryInfo {
-            exchange: exchange.unwrap_or_default(),
-            routing_key: routing_key.unwrap_or_default(),
-            extra,
-        }))
+        Ok(())
     }
 }
 
@@ -425,6 +445,9 @@ enum Em {
     Chord,
 }
 
+/// The named `embed` fields.
+const EMBED_FIELDS: &[&str] = &["callbacks", "errbacks", "chain", "chord"];
+
 fn embed_field(key: &str) -> Option<Em> {
     Some(match key {
         "callbacks" => Em::Callbacks,
@@ -435,48 +458,113 @@ fn embed_field(key: &str) -> Option<Em> {
     })
 }
 
-/// [`Embed`] read in one pass.
-struct FastEmbed(Embed);
+/// Reads `embed` into a default [`Embed`], in place.
+struct EmbedInto<'a>(&'a mut Embed);
 
-impl<'de> Deserialize<'de> for FastEmbed {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(EmbedVisitor)
+impl<'de> DeserializeSeed<'de> for EmbedInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-struct EmbedVisitor;
-
-impl<'de> Visitor<'de> for EmbedVisitor {
-    type Value = FastEmbed;
+impl<'de> Visitor<'de> for EmbedInto<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("embed")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastEmbed, A::Error> {
-        let mut callbacks = None;
-        let mut errbacks = None;
-        let mut chain = None;
-        let mut chord = None;
-        let mut extra = Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let e = self.0;
+        let mut seen = Seen(0);
         while let Some(key) = map.next_key_seed(KeySeed(embed_field))? {
-            match key {
-                Key::Field(Em::Callbacks) => set_once!(callbacks, "callbacks", map.next_value()?),
-                Key::Field(Em::Errbacks) => set_once!(errbacks, "errbacks", map.next_value()?),
-                Key::Field(Em::Chain) => set_once!(chain, "chain", map.next_value()?),
-                Key::Field(Em::Chord) => set_once!(chord, "chord", map.next_value()?),
+            let field = match key {
+                Key::Field(field) => field,
                 Key::Other(key) => {
-                    extra.insert(key, map.next_value()?);
+                    e.extra.insert(key, map.next_value()?);
+                    continue;
                 }
+            };
+            seen.first(field as usize, EMBED_FIELDS)?;
+            match field {
+                Em::Callbacks => e.callbacks = map.next_value()?,
+                Em::Errbacks => e.errbacks = map.next_value()?,
+                Em::Chain => e.chain = map.next_value()?,
+                Em::Chord => e.chord = map.next_value()?,
             }
         }
-        Ok(FastEmbed(Embed {
-            callbacks: callbacks.flatten(),
-            errbacks: errbacks.flatten(),
-            chain: chain.flatten(),
-            chord: chord.flatten(),
-            extra,
-        }))
+        Ok(())
+    }
+}
+
+/// Reads `[args, kwargs, embed]` into a default [`TaskBody`], in place; exactly three elements,
+/// as the reference's tuple.
+struct BodyInto<'a>(&'a mut TaskBody);
+
+impl<'de> DeserializeSeed<'de> for BodyInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_tuple(3, self)
+    }
+}
+
+impl<'de> Visitor<'de> for BodyInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[args, kwargs, embed]")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let b = self.0;
+        b.args = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(0, &"three elements"))?;
+        b.kwargs = seq.next_element()?.ok_or_else(|| de::Error::invalid_length(1, &"three elements"))?;
+        let mut null = false;
+        let embed = b.embed.insert(Embed::default());
+        if seq.next_element_seed(OrNullFlag(&mut null, EmbedInto(embed)))?.is_none() {
+            return Err(de::Error::invalid_length(2, &"three elements"));
+        }
+        if null {
+            b.embed = None;
+        }
+        Ok(())
+    }
+}
+
+/// [`OrNull`] that also says whether the value was `null`.
+struct OrNullFlag<'a, S>(&'a mut bool, S);
+
+impl<'de, S: DeserializeSeed<'de, Value = ()>> DeserializeSeed<'de> for OrNullFlag<'_, S> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de, S: DeserializeSeed<'de, Value = ()>> Visitor<'de> for OrNullFlag<'_, S> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("option")
+    }
+
+    fn visit_none<E: de::Error>(self) -> Result<(), E> {
+        *self.0 = true;
+        Ok(())
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        *self.0 = true;
+        Ok(())
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        *self.0 = false;
+        self.1.deserialize(d)
     }
 }
 
@@ -486,9 +574,12 @@ impl<'de> Visitor<'de> for EmbedVisitor {
 /// `Value` reads it, whenever it reads at all; so on success this is the reference's result, and
 /// on any error the reference runs again to give its own.
 pub(super) fn decode_body(bytes: &[u8]) -> Option<TaskBody> {
-    let (args, kwargs, embed) =
-        serde_json::from_slice::<(Vec<Value>, Map<String, Value>, Option<FastEmbed>)>(bytes).ok()?;
-    Some(TaskBody { args, kwargs, embed: embed.map(|e| e.0) })
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut body = TaskBody::default();
+    let mut de = serde_json::Deserializer::from_str(text);
+    BodyInto(&mut body).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    Some(body)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -553,87 +644,95 @@ fn envelope_field(key: &str) -> Option<Env> {
     })
 }
 
-/// A v2 task envelope, read straight into the message types.
-struct FastEnvelope<'a> {
-    body: Body<'a>,
+/// The envelope fields a message is not read into directly.
+#[derive(Default)]
+struct EnvelopeRest<'a> {
+    body: Option<Body<'a>>,
     content_encoding: Option<String>,
     content_type: Option<String>,
-    headers: TaskHeaders,
-    /// `None` when absent or `null`.
-    properties: Option<Properties>,
 }
 
-impl<'de> Deserialize<'de> for FastEnvelope<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_map(FastEnvelopeVisitor)
+/// Reads a v2 task envelope into a message of blank headers and empty properties, in place.
+struct EnvelopeInto<'a>(&'a mut Message);
+
+impl<'de> DeserializeSeed<'de> for EnvelopeInto<'_> {
+    type Value = EnvelopeRest<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<EnvelopeRest<'de>, D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-struct FastEnvelopeVisitor;
+const ENVELOPE_FIELDS: &[&str] = &["body", "content-encoding", "content-type", "headers", "properties"];
 
-impl<'de> Visitor<'de> for FastEnvelopeVisitor {
-    type Value = FastEnvelope<'de>;
+impl<'de> Visitor<'de> for EnvelopeInto<'_> {
+    type Value = EnvelopeRest<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a kombu envelope")
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<FastEnvelope<'de>, A::Error> {
-        let mut body = None;
-        let mut content_encoding = None;
-        let mut content_type = None;
-        let mut headers: Option<FastHeaders> = None;
-        let mut properties: Option<Option<FastProperties>> = None;
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EnvelopeRest<'de>, A::Error> {
+        let m = self.0;
+        let mut rest = EnvelopeRest::default();
+        let mut seen = Seen(0);
         while let Some(key) = map.next_key_seed(KeySeed(envelope_field))? {
-            match key {
-                Key::Field(Env::Body) => set_once!(body, "body", map.next_value()?),
-                Key::Field(Env::ContentEncoding) => {
-                    set_once!(content_encoding, "content-encoding", map.next_value()?)
-                }
-                Key::Field(Env::ContentType) => set_once!(content_type, "content-type", map.next_value()?),
-                Key::Field(Env::Headers) => set_once!(headers, "headers", map.next_value()?),
-                Key::Field(Env::Properties) => set_once!(properties, "properties", map.next_value()?),
+            let field = match key {
+                Key::Field(field) => field,
                 Key::Other(_) => {
                     map.next_value::<IgnoredAny>()?;
+                    continue;
                 }
+            };
+            seen.first(field as usize, ENVELOPE_FIELDS)?;
+            match field {
+                Env::Body => rest.body = Some(map.next_value()?),
+                Env::ContentEncoding => rest.content_encoding = Some(map.next_value()?),
+                Env::ContentType => rest.content_type = Some(map.next_value()?),
+                Env::Headers => map.next_value_seed(HeadersInto(&mut m.headers))?,
+                Env::Properties => map.next_value_seed(OrNull(PropertiesInto(&mut m.properties)))?,
             }
         }
-        Ok(FastEnvelope {
-            body: body.ok_or_else(|| de::Error::missing_field("body"))?,
-            content_encoding,
-            content_type,
-            // No headers (or no `task` in them, which fails above): v1, for the reference path.
-            headers: headers.ok_or_else(|| de::Error::missing_field("headers"))?.0,
-            properties: properties.flatten().map(|p| p.0),
-        })
+        if !seen.has(Env::Body as usize) {
+            return Err(de::Error::missing_field("body"));
+        }
+        // No headers (or no `task` in them, which fails above): v1, for the reference path.
+        if !seen.has(Env::Headers as usize) {
+            return Err(de::Error::missing_field("headers"));
+        }
+        Ok(rest)
     }
 }
 
 /// Reads a plain v2 task message in one pass; `None` when the reference path must decide.
 pub(super) fn decode(bytes: &[u8]) -> Option<Message> {
-    let env: FastEnvelope<'_> = serde_json::from_slice(bytes).ok()?;
-    let mut headers = env.headers;
-    let mut properties = env.properties.unwrap_or_else(Properties::empty);
-    if matches!(headers.extra.get("compression"), Some(Value::String(_))) {
+    // One UTF-8 check of the whole input rather than one per string.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut m = Message {
+        body: Vec::new(),
+        content_encoding: String::new(),
+        content_type: String::new(),
+        headers: blank_headers(),
+        properties: Properties::empty(),
+    };
+    let mut de = serde_json::Deserializer::from_str(text);
+    let rest = EnvelopeInto(&mut m).deserialize(&mut de).ok()?;
+    de.end().ok()?;
+    if matches!(m.headers.extra.get("compression"), Some(Value::String(_))) {
         return None;
     }
-    let content_type = env.content_type.unwrap_or_else(super::message::json_type);
-    if !content_type.eq_ignore_ascii_case("application/json") {
+    m.content_type = rest.content_type.unwrap_or_else(super::message::json_type);
+    if !m.content_type.eq_ignore_ascii_case("application/json") {
         return None;
     }
-    let body = match (env.body, properties.body_encoding.as_deref()) {
+    m.content_encoding = rest.content_encoding.unwrap_or_else(super::message::utf8);
+    m.body = match (rest.body?, m.properties.body_encoding.as_deref()) {
         (Body::Text(s), Some("base64")) => BASE64.decode(s.as_bytes()).ok()?,
         (Body::Text(s), _) => s.into_owned().into_bytes(),
         (Body::Null, _) => Vec::new(),
     };
-    as_if_from_value(&mut headers, &mut properties)?;
-    Some(Message {
-        body,
-        content_encoding: env.content_encoding.unwrap_or_else(super::message::utf8),
-        content_type,
-        headers,
-        properties,
-    })
+    as_if_from_value(&mut m.headers, &mut m.properties)?;
+    Some(m)
 }
 
 /// serde_json's key for a number kept as text (`arbitrary_precision`).

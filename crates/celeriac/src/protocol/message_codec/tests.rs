@@ -605,6 +605,20 @@ fn bad_messages_fail_as_before() {
     for raw in cases {
         check_message(raw.as_bytes()).unwrap();
     }
+    // Not UTF-8: in a header, in the body text, in the decoded body.
+    let mut header = envelope(r#"{"task": "t", "id": "i", "x": "?"}"#, r#"{"body_encoding": "base64"}"#).into_bytes();
+    let at = header.iter().position(|&b| b == b'?').unwrap();
+    header[at] = 0xff;
+    let plain = b"{\"body\": \"\xc3\", \"headers\": {\"task\": \"t\", \"id\": \"i\"}}".to_vec();
+    let decoded = format!(
+        r#"{{"body": "{}", "headers": {{"task": "t", "id": "i"}}, "properties": {{"body_encoding": "base64"}}}}"#,
+        BASE64.encode(b"[[\"\xff\"], {}, null]")
+    )
+    .into_bytes();
+    for raw in [header, plain, decoded] {
+        check_message(&raw).unwrap();
+    }
+    check_body(b"[[\"\xff\"], {}, null]").unwrap();
 }
 
 #[test]
@@ -619,5 +633,25 @@ fn embed_reads_as_the_derive_did() {
         r#"[[], {}]"#,
     ] {
         check_body(body.as_bytes()).unwrap();
+    }
+}
+
+#[test]
+fn field_tables_follow_the_field_enums() {
+    // `Seen` and the error messages index these tables by the enums' discriminants.
+    for (i, name) in super::HEADER_FIELDS.iter().enumerate() {
+        assert_eq!(super::header_field(name).map(|f| f as usize), Some(i), "{name}");
+    }
+    for (i, name) in super::PROPERTY_FIELDS.iter().enumerate() {
+        assert_eq!(super::property_field(name).map(|f| f as usize), Some(i), "{name}");
+    }
+    for (i, name) in super::DELIVERY_INFO_FIELDS.iter().enumerate() {
+        assert_eq!(super::delivery_info_field(name).map(|f| f as usize), Some(i), "{name}");
+    }
+    for (i, name) in super::EMBED_FIELDS.iter().enumerate() {
+        assert_eq!(super::embed_field(name).map(|f| f as usize), Some(i), "{name}");
+    }
+    for (i, name) in super::ENVELOPE_FIELDS.iter().enumerate() {
+        assert_eq!(super::envelope_field(name).map(|f| f as usize), Some(i), "{name}");
     }
 }
