@@ -16,6 +16,7 @@
 //! `message_codec/tests.rs` holds the fast paths to the reference on every fixture and on
 //! thousands of mutations of them. Not for: event and pidbox envelopes (`envelope.rs`).
 
+use super::Signature;
 use super::message::{DeliveryInfo, Embed, Message, Properties, TaskBody, TaskHeaders};
 use super::pyjson::PythonFormatter;
 use base64::Engine as _;
@@ -437,6 +438,19 @@ impl<'de> Visitor<'de> for DeliveryInfoInto<'_> {
 // Embed
 // ---------------------------------------------------------------------------------------------
 
+/// Reads the map's next value into the `Option` field `$slot` in place: `null` is `None`,
+/// anything else is read by the seed `$into` into `$blank`.
+macro_rules! option_into {
+    ($map:ident, $slot:expr, $blank:expr, $into:ident) => {{
+        let mut null = false;
+        let read = $map.next_value_seed(OrNullFlag(&mut null, $into($slot.insert($blank))));
+        if null {
+            $slot = None;
+        }
+        read?
+    }};
+}
+
 #[derive(Clone, Copy)]
 enum Em {
     Callbacks,
@@ -489,13 +503,123 @@ impl<'de> Visitor<'de> for EmbedInto<'_> {
             };
             seen.first(field as usize, EMBED_FIELDS)?;
             match field {
-                Em::Callbacks => e.callbacks = map.next_value()?,
-                Em::Errbacks => e.errbacks = map.next_value()?,
-                Em::Chain => e.chain = map.next_value()?,
-                Em::Chord => e.chord = map.next_value()?,
+                Em::Callbacks => option_into!(map, e.callbacks, Vec::new(), SignaturesInto),
+                Em::Errbacks => option_into!(map, e.errbacks, Vec::new(), SignaturesInto),
+                Em::Chain => option_into!(map, e.chain, Vec::new(), SignaturesInto),
+                Em::Chord => option_into!(map, e.chord, blank_signature(), SignatureInto),
             }
         }
         Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signatures (in `embed`)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy)]
+enum Sg {
+    Task,
+    Args,
+    Kwargs,
+    Options,
+    SubtaskType,
+    Immutable,
+}
+
+/// The named [`Signature`] fields.
+const SIGNATURE_FIELDS: &[&str] = &["task", "args", "kwargs", "options", "subtask_type", "immutable"];
+
+fn signature_field(key: &str) -> Option<Sg> {
+    Some(match key {
+        "task" => Sg::Task,
+        "args" => Sg::Args,
+        "kwargs" => Sg::Kwargs,
+        "options" => Sg::Options,
+        "subtask_type" => Sg::SubtaskType,
+        "immutable" => Sg::Immutable,
+        _ => return None,
+    })
+}
+
+/// A signature with every field at what its absence reads as.
+fn blank_signature() -> Signature {
+    Signature::new(String::new(), Vec::new())
+}
+
+/// Reads a signature into a blank [`Signature`], in place (the derived impl, with its flatten
+/// `extra`, buffers every field).
+struct SignatureInto<'a>(&'a mut Signature);
+
+impl<'de> DeserializeSeed<'de> for SignatureInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SignatureInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a signature")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let sig = self.0;
+        let mut seen = Seen(0);
+        while let Some(key) = map.next_key_seed(KeySeed(signature_field))? {
+            let field = match key {
+                Key::Field(field) => field,
+                Key::Other(key) => {
+                    sig.extra.insert(key, map.next_value()?);
+                    continue;
+                }
+            };
+            seen.first(field as usize, SIGNATURE_FIELDS)?;
+            match field {
+                Sg::Task => sig.task = map.next_value()?,
+                Sg::Args => sig.args = map.next_value()?,
+                Sg::Kwargs => sig.kwargs = map.next_value()?,
+                Sg::Options => sig.options = map.next_value()?,
+                Sg::SubtaskType => sig.subtask_type = map.next_value()?,
+                Sg::Immutable => sig.immutable = map.next_value()?,
+            }
+        }
+        if !seen.has(Sg::Task as usize) {
+            return Err(de::Error::missing_field("task"));
+        }
+        Ok(())
+    }
+}
+
+/// Reads a list of signatures into an empty `Vec`, each in place.
+struct SignaturesInto<'a>(&'a mut Vec<Signature>);
+
+impl<'de> DeserializeSeed<'de> for SignaturesInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> Visitor<'de> for SignaturesInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a list of signatures")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        loop {
+            let mut sig = blank_signature();
+            if seq.next_element_seed(SignatureInto(&mut sig))?.is_none() {
+                return Ok(());
+            }
+            self.0.push(sig);
+        }
     }
 }
 

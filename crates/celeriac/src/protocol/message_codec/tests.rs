@@ -261,6 +261,13 @@ const KEYS: &[&str] = &[
     "errbacks",
     "chain",
     "chord",
+    // Signature
+    "args",
+    "kwargs",
+    "options",
+    "subtask_type",
+    "immutable",
+    "chord_size",
     // Others
     "x-trace",
     "redelivered",
@@ -371,6 +378,27 @@ fn mutate_message(fixture: &[u8], rng: &mut StdRng) -> String {
     env.text(rng)
 }
 
+/// One of the signatures in `embed` (in `callbacks`, `errbacks`, `chain` or `chord`, or nested
+/// in a signature's `kwargs`), if there is one.
+fn signature_in<'a>(embed: &'a mut J, rng: &mut StdRng) -> Option<&'a mut J> {
+    let J::Obj(entries) = embed else { return None };
+    let mut found: Vec<&'a mut J> = Vec::new();
+    for (key, value) in entries.iter_mut() {
+        match (key.as_str(), value) {
+            ("callbacks" | "errbacks" | "chain", J::Arr(items)) => {
+                found.extend(items.iter_mut().filter(|i| matches!(i, J::Obj(_))))
+            }
+            ("chord", sig @ J::Obj(_)) => found.push(sig),
+            _ => {}
+        }
+    }
+    if found.is_empty() {
+        return None;
+    }
+    let at = rng.random_range(0..found.len());
+    Some(found.swap_remove(at))
+}
+
 /// A mutation of a task body `[args, kwargs, embed]`, as text.
 fn mutate_body(body: &[u8], rng: &mut StdRng) -> String {
     let Ok(value) = serde_json::from_slice::<Value>(body) else { return String::from_utf8_lossy(body).into_owned() };
@@ -382,7 +410,10 @@ fn mutate_body(body: &[u8], rng: &mut StdRng) -> String {
             if matches!(embed, J::Raw(_)) {
                 *embed = J::Obj(Vec::new());
             }
-            mutate_object(embed, rng);
+            match signature_in(embed, rng) {
+                Some(sig) if rng.random_bool(0.6) => mutate_object(sig, rng),
+                _ => mutate_object(embed, rng),
+            }
         }
     }
     j.text(rng)
@@ -628,6 +659,11 @@ fn embed_reads_as_the_derive_did() {
         r#"[[], {}, {"chain": [], "chain": []}]"#,
         r#"[[], {}, {"chain": null, "errbacks": [{"task": "t", "args": [], "kwargs": {}, "options": {}, "subtask_type": null, "immutable": false, "chord_size": 2}]}]"#,
         r#"[[], {}, {"chord": 5}]"#,
+        r#"[[], {}, {"chain": [{"task": "a", "x": -0, "args": [1.0], "task": "b"}]}]"#,
+        r#"[[], {}, {"chain": [{"args": []}]}]"#,
+        r#"[[], {}, {"chain": [{"task": "a", "args": null}]}]"#,
+        r#"[[], {}, {"chord": {"task": "a", "immutable": true, "chord_size": 2, "z": {"b": 1, "a": 2}}, "callbacks": []}]"#,
+        r#"[[], {}, {"errbacks": [{"task": "a"}, {"task": "b", "options": {"link": [{"task": "c"}]}}, null]}]"#,
         r#"[[], {}, []]"#,
         r#"[[], {}, null]"#,
         r#"[[], {}]"#,
@@ -650,6 +686,9 @@ fn field_tables_follow_the_field_enums() {
     }
     for (i, name) in super::EMBED_FIELDS.iter().enumerate() {
         assert_eq!(super::embed_field(name).map(|f| f as usize), Some(i), "{name}");
+    }
+    for (i, name) in super::SIGNATURE_FIELDS.iter().enumerate() {
+        assert_eq!(super::signature_field(name).map(|f| f as usize), Some(i), "{name}");
     }
     for (i, name) in super::ENVELOPE_FIELDS.iter().enumerate() {
         assert_eq!(super::envelope_field(name).map(|f| f as usize), Some(i), "{name}");
