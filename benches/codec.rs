@@ -36,6 +36,10 @@ fn codec(c: &mut Criterion) {
     c.bench_function("decode body only (add_basic)", |b| {
         b.iter(|| black_box(TaskBody::from_wire(black_box(&m.body)).unwrap()))
     });
+    let chain = Message::from_wire(&fixture("chain3")).unwrap().body;
+    c.bench_function("decode body with a chain of two signatures (chain3)", |b| {
+        b.iter(|| black_box(TaskBody::from_wire(black_box(&chain)).unwrap()))
+    });
     c.bench_function("encode message (add_basic)", |b| b.iter(|| black_box(black_box(&m).to_wire())));
     let heartbeat = event_fixture("worker-heartbeat");
     c.bench_function("decode event envelope (worker-heartbeat)", |b| {
