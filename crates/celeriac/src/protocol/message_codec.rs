@@ -7,10 +7,10 @@
 //! sends. [`decode`] and [`decode_body`] read straight into the types with private visitors,
 //! with no second pass and without serde's flatten buffer, and return `None` whenever they cannot
 //! vouch for giving the reference's result. The caller then runs the reference path, which also
-//! produces every error, message for message. That is the case for any parse error, a repeated
-//! named key, a v1 message (no `headers.task`), a `compression` header, a foreign content type,
-//! a body that is neither a string nor `null`, and the odd numbers and keys listed at
-//! [`as_if_from_value`]. [`encode`] writes the envelope from the typed fields and leaves the
+//! produces every error, message for message. That is the case for any parse error, input that
+//! is not UTF-8, a repeated named key, a v1 message (no `headers.task`), a `compression` header,
+//! a foreign content type, a body that is neither a string nor `null`, and the odd numbers and
+//! keys listed at [`as_if_from_value`]. [`encode`] writes the envelope from the typed fields and leaves the
 //! rare `extra` key that repeats a named field to the reference writer.
 //!
 //! `message_codec/tests.rs` holds the fast paths to the reference on every fixture and on
