@@ -33,9 +33,14 @@ impl Envelope {
 
     /// Parses an envelope; `None` if the bytes are not one or the body is not JSON.
     pub fn from_wire(bytes: &[u8]) -> Option<Self> {
-        let raw: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
-        let properties = raw.get("properties").and_then(Value::as_object).cloned().unwrap_or_default();
-        let headers = raw.get("headers").and_then(Value::as_object).cloned().unwrap_or_default();
+        let mut raw: Map<String, Value> = serde_json::from_slice(bytes).ok()?;
+        // Taken out of the parsed map rather than cloned.
+        let object = |v: Option<Value>| match v {
+            Some(Value::Object(m)) => m,
+            _ => Map::new(),
+        };
+        let properties = object(raw.remove("properties"));
+        let headers = object(raw.remove("headers"));
         let body_bytes = match (raw.get("body"), properties.get("body_encoding").and_then(Value::as_str)) {
             (Some(Value::String(s)), Some("base64")) => BASE64.decode(s.as_bytes()).ok()?,
             (Some(Value::String(s)), _) => s.clone().into_bytes(),
@@ -48,15 +53,22 @@ impl Envelope {
 
     /// The envelope bytes, as kombu writes them.
     pub fn to_wire(&self) -> Vec<u8> {
+        // Written piece by piece, the same bytes as `pyjson::to_vec` of the object
+        // `{"body", "content-encoding", "content-type", "headers", "properties"}` without
+        // copying headers and properties into it first.
         let body = pyjson::to_vec(&self.body).unwrap_or_default();
-        let env = serde_json::json!({
-            "body": BASE64.encode(body),
-            "content-encoding": "utf-8",
-            "content-type": "application/json",
-            "headers": self.headers,
-            "properties": self.properties,
-        });
-        pyjson::to_vec(&env).unwrap_or_default()
+        let mut out = Vec::with_capacity(body.len() * 4 / 3 + 512);
+        out.extend_from_slice(b"{\"body\": \"");
+        // The base64 alphabet needs no escaping.
+        out.extend_from_slice(BASE64.encode(body).as_bytes());
+        out.extend_from_slice(
+            b"\", \"content-encoding\": \"utf-8\", \"content-type\": \"application/json\", \"headers\": ",
+        );
+        out.extend_from_slice(&pyjson::to_vec(&self.headers).unwrap_or_default());
+        out.extend_from_slice(b", \"properties\": ");
+        out.extend_from_slice(&pyjson::to_vec(&self.properties).unwrap_or_default());
+        out.push(b'}');
+        out
     }
 }
 
@@ -78,6 +90,30 @@ mod tests {
         let back = Envelope::from_wire(&e.to_wire()).unwrap();
         assert_eq!(back, e);
         assert!(Envelope::from_wire(b"nope").is_none());
+    }
+
+    #[test]
+    fn written_as_the_object_it_stands_for() {
+        // The bytes `to_wire` assembles are those of the whole envelope as one `Value`.
+        let mut headers = Map::new();
+        headers.insert("hostname".into(), "w1@h\u{e9}st".into());
+        headers.insert("clock".into(), serde_json::json!([-0, 1e-05, {"b": 1, "a": null}]));
+        let mut e =
+            Envelope::new(serde_json::json!([{"type": "task-sent", "n": 1.5}]), headers, "celeryev", "task.multi", 1);
+        e.properties.insert("x".into(), serde_json::json!({}));
+        let env = serde_json::json!({
+            "body": BASE64.encode(pyjson::to_vec(&e.body).unwrap()),
+            "content-encoding": "utf-8",
+            "content-type": "application/json",
+            "headers": e.headers,
+            "properties": e.properties,
+        });
+        assert_eq!(String::from_utf8(e.to_wire()).unwrap(), pyjson::to_string(&env).unwrap());
+        let empty = Envelope { body: Value::Null, headers: Map::new(), properties: Map::new() };
+        assert_eq!(
+            String::from_utf8(empty.to_wire()).unwrap(),
+            r#"{"body": "bnVsbA==", "content-encoding": "utf-8", "content-type": "application/json", "headers": {}, "properties": {}}"#
+        );
     }
 
     #[test]

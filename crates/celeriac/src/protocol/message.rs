@@ -6,7 +6,7 @@
 //! headers and properties beside it. Field order follows what Celery 5.7 writes, so a captured
 //! message re-encodes to the same bytes. Not for: sending (see `broker/`) or running (`worker/`).
 
-use super::{Signature, pyjson, time};
+use super::{Signature, message_codec, pyjson, time};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use chrono::{DateTime, Utc};
@@ -116,6 +116,23 @@ fn no_limits() -> (Option<Number>, Option<Number>) {
 
 fn limits_or_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<(Option<Number>, Option<Number>), D::Error> {
     Ok(Option::deserialize(d)?.unwrap_or((None, None)))
+}
+
+impl Properties {
+    /// What an absent or `null` `properties` reads as: every field at its default.
+    pub(super) fn empty() -> Self {
+        Properties {
+            correlation_id: None,
+            reply_to: None,
+            delivery_mode: None,
+            expiration: None,
+            delivery_info: DeliveryInfo::default(),
+            priority: 0,
+            body_encoding: None,
+            delivery_tag: None,
+            extra: Map::new(),
+        }
+    }
 }
 
 impl TaskHeaders {
@@ -255,6 +272,16 @@ impl<'de> Deserialize<'de> for TaskBody {
 impl TaskBody {
     /// Parses the body bytes.
     pub fn from_wire(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        // As with `Message::from_wire`: a one-pass reader for `embed`, and the derived impls
+        // whenever it declines.
+        match message_codec::decode_body(bytes) {
+            Some(body) => Ok(body),
+            None => Self::from_wire_reference(bytes),
+        }
+    }
+
+    /// [`TaskBody::from_wire`] with the derived impls (`embed` through serde's flatten buffer).
+    pub(super) fn from_wire_reference(bytes: &[u8]) -> Result<Self, ProtocolError> {
         serde_json::from_slice(bytes).map_err(ProtocolError::Body)
     }
 
@@ -293,11 +320,11 @@ struct Envelope {
     properties: Value,
 }
 
-fn utf8() -> String {
+pub(super) fn utf8() -> String {
     "utf-8".to_owned()
 }
 
-fn json_type() -> String {
+pub(super) fn json_type() -> String {
     "application/json".to_owned()
 }
 
@@ -320,6 +347,19 @@ impl Message {
 
     /// Parses a kombu envelope (v2, or v1 converted to v2).
     pub fn from_wire(bytes: &[u8]) -> Result<Self, ProtocolError> {
+        // A plain v2 message is read in one pass straight into the types; anything else (v1,
+        // every error, the odd cases listed in `message_codec`) is read the reference way below,
+        // which defines the result.
+        match message_codec::decode(bytes) {
+            Some(message) => Ok(message),
+            None => Self::from_wire_reference(bytes),
+        }
+    }
+
+    /// [`Message::from_wire`] through `Value`s: the envelope, then headers and properties
+    /// converted with `from_value` and the derived `Deserialize` impls. The definition the
+    /// one-pass reader is held to (see `message_codec/tests.rs`).
+    pub(super) fn from_wire_reference(bytes: &[u8]) -> Result<Self, ProtocolError> {
         let env: Envelope = serde_json::from_slice(bytes).map_err(ProtocolError::Envelope)?;
         let properties: Properties = if env.properties.is_null() {
             serde_json::from_value(Value::Object(Map::new())).map_err(ProtocolError::Envelope)?
@@ -384,6 +424,13 @@ impl Message {
 
     /// The kombu envelope bytes, as Python's `json.dumps` would write them.
     pub fn to_wire(&self) -> Vec<u8> {
+        message_codec::encode(self).unwrap_or_else(|| self.to_wire_reference())
+    }
+
+    /// [`Message::to_wire`] through `Value`s: headers and properties made into maps first, so an
+    /// `extra` key that repeats a named field is written once, in the field's place, with the
+    /// `extra` value. The definition the one-pass writer is held to.
+    pub(super) fn to_wire_reference(&self) -> Vec<u8> {
         let base64 = self.properties.body_encoding.as_deref() == Some("base64");
         let body = if base64 {
             Value::String(BASE64.encode(&self.body))

@@ -8,6 +8,7 @@
 mod envelope;
 mod exception;
 mod message;
+mod message_codec;
 pub mod pyjson;
 mod repr;
 mod result_meta;
