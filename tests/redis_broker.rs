@@ -94,6 +94,20 @@ async fn publish_many_queues_a_batch_in_order_in_one_go() {
         .collect();
     assert_eq!(ids, [zero, six].concat());
 
+    // A queue named twice in one fetch is served once: each message once, each recorded in
+    // kombu's `unacked`, nothing left in a holding list.
+    let twice = ["batch.a".to_owned(), "batch.a".to_owned()];
+    let got = broker.fetch(&twice, 100, Duration::from_secs(1)).await.unwrap();
+    let mut ids: Vec<String> = got.iter().map(|d| Message::from_wire(&d.payload).unwrap().headers.id).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((got.len(), ids.len()), (20, 20));
+    let unacked: usize = redis::cmd("HLEN").arg("unacked").query_async(&mut conn(&url).await).await.unwrap();
+    assert_eq!(unacked, 40, "batch.b's 20 and batch.a's 20, none acked yet");
+    let holding: Vec<String> =
+        redis::cmd("KEYS").arg("celeriac.inflight.*").query_async(&mut conn(&url).await).await.unwrap();
+    assert!(holding.is_empty(), "holding lists left: {holding:?}");
+
     // The default implementation (a loop) on another transport gives the same queue contents.
     let memory = broker::from_url("memory://", &Config::default()).await.unwrap();
     memory.publish_many(&refs).await.unwrap();

@@ -250,6 +250,10 @@ impl Inner {
             for step in PRIORITY_STEPS {
                 let list = self.keys.list(q, step);
                 let holding = self.keys.inflight(&list);
+                if pairs.iter().any(|(h, _)| *h == holding) {
+                    // A queue named twice: its holding list's tail would be taken twice.
+                    continue;
+                }
                 invocation.key(&holding).key(list);
                 pairs.push((holding, q.as_str()));
             }
