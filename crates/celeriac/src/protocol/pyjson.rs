@@ -64,7 +64,9 @@ impl Formatter for PythonFormatter {
     fn write_string_fragment<W: ?Sized + io::Write>(&mut self, w: &mut W, fragment: &str) -> io::Result<()> {
         // serde_json has already escaped `"`, `\` and the C0 controls. Python escapes every
         // character outside ' '..='~' (`ESCAPE_ASCII`): that leaves DEL (0x7f) and non-ASCII to us.
-        if fragment.bytes().all(|b| b.is_ascii() && b != 0x7f) {
+        // (`is_ascii` checks a word at a time and `contains` of a byte is a memchr: this is
+        // the common case, and was a tenth of the cost of sending a task when done byte by byte.)
+        if fragment.is_ascii() && !fragment.as_bytes().contains(&0x7f) {
             return w.write_all(fragment.as_bytes());
         }
         let mut units = [0u16; 2];
