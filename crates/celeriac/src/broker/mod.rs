@@ -204,7 +204,8 @@ pub trait Broker: Send + Sync + 'static {
     /// Returns a delivered message to its queue, due at `at` (now when `None`).
     async fn requeue(&self, delivery: &Delivery, at: Option<DateTime<Utc>>) -> Result<(), BrokerError>;
 
-    /// Extends the lease of held deliveries.
+    /// Extends the lease of held deliveries. The worker passes them without their payload
+    /// (tag, queue and delivery count only): a lease is known by its tag.
     async fn renew(&self, deliveries: &[Delivery]) -> Result<(), BrokerError>;
 
     /// Publishes `message` to `queue` and acks `delivery`, atomically where the transport can

@@ -24,7 +24,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::task::TaskTracker;
 
-/// Deliveries this worker holds (received and not settled), and which are acked.
+/// Deliveries this worker holds (received and not settled), and which are acked; kept
+/// without their payload (renewing a lease needs only the tag).
 #[derive(Default)]
 struct Held {
     map: Mutex<HashMap<String, (Delivery, bool)>>,
@@ -36,7 +37,13 @@ impl Held {
         self.map.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
     fn insert(&self, d: &Delivery) {
-        self.lock().insert(d.tag.clone(), (d.clone(), false));
+        let kept = Delivery {
+            queue: d.queue.clone(),
+            tag: d.tag.clone(),
+            payload: Vec::new(),
+            delivery_count: d.delivery_count,
+        };
+        self.lock().insert(d.tag.clone(), (kept, false));
     }
     fn mark_acked(&self, tag: &str) {
         if let Some(e) = self.lock().get_mut(tag) {
@@ -474,7 +481,8 @@ async fn run_reserved(
     let terminate = ctx.state.start(info);
     let message = Arc::new(message);
     let request = executor::request(app, &message, &body, &ctx.options.hostname, d.redelivered(), false);
-    let call = Call {
+    // Boxed, so the state this future keeps across the task's run stays small.
+    let call = Box::new(Call {
         app: app.clone(),
         task: task.clone(),
         message,
@@ -482,7 +490,7 @@ async fn run_reserved(
         request: request.clone(),
         effective,
         started_at: Utc::now(),
-    };
+    });
     if call.effective.track_started {
         Box::pin(call.started()).await;
     }
