@@ -451,7 +451,7 @@ async fn run_reserved(
         // is given back; a short wait (its turn is near) is slept here, a longer one in the
         // broker, so the message holds no prefetch place.
         let Some(wait) = (if shared {
-            Box::pin(app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs)).await
+            app.shared_limits().acquire(app, task.as_ref(), &id, &body.args, &body.kwargs).await
         } else {
             None
         }) else {
@@ -496,7 +496,7 @@ async fn run_reserved(
     }
     Box::pin(crate::canvas::saga::on_start(&call)).await;
     ctx.stats.active.fetch_add(1, Ordering::Relaxed);
-    Box::pin(ctx.events.task("task-started", &id, serde_json::Map::new())).await;
+    ctx.events.task("task-started", &id, serde_json::Map::new()).await;
     let started = std::time::Instant::now();
     let decision = tokio::select! {
         dec = Box::pin(run_call(ctx, task, request, &call, d.redelivered())) => Some(dec),
@@ -521,7 +521,7 @@ async fn run_reserved(
     };
     ctx.stats.processed.fetch_add(1, Ordering::Relaxed);
     let decision = executor::name_failure(decision, &call.request.task, &id);
-    Box::pin(task_event(ctx, &id, &decision, started.elapsed().as_secs_f64())).await;
+    task_event(ctx, &id, &decision, started.elapsed().as_secs_f64()).await;
     Box::pin(apply(ctx, d, &call, decision)).await;
 }
 
