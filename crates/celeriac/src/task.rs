@@ -341,38 +341,12 @@ impl Request {
     /// Message headers other than Celery's own (Celery's `request.headers`): what the sender
     /// put in `headers=`.
     pub fn headers(&self) -> Map<String, Value> {
-        const KNOWN: [&str; 27] = [
-            "lang",
-            "task",
-            "id",
-            "shadow",
-            "eta",
-            "expires",
-            "group",
-            "group_index",
-            "retries",
-            "timelimit",
-            "root_id",
-            "parent_id",
-            "argsrepr",
-            "kwargsrepr",
-            "origin",
-            "ignore_result",
-            "replaced_task_nesting",
-            "stamped_headers",
-            "stamps",
-            "compression",
-            "chord",
-            "chain",
-            "callbacks",
-            "errbacks",
-            "reply_to",
-            "correlation_id",
-            "delivery_info",
-        ];
+        // Celery's own beyond the named headers (`TaskHeaders::FIELDS`).
+        const KNOWN: [&str; 8] =
+            ["compression", "chord", "chain", "callbacks", "errbacks", "reply_to", "correlation_id", "delivery_info"];
         let Some(m) = &self.message else { return Map::new() };
         let mut all = serde_json::to_value(&m.headers).ok().and_then(|v| v.as_object().cloned()).unwrap_or_default();
-        all.retain(|k, _| !KNOWN.contains(&k.as_str()));
+        all.retain(|k, _| !crate::protocol::TaskHeaders::FIELDS.contains(&k.as_str()) && !KNOWN.contains(&k.as_str()));
         all
     }
 

@@ -136,14 +136,36 @@ impl Properties {
 }
 
 impl TaskHeaders {
-    /// Headers for a fresh task with every optional field empty.
-    pub fn new(task: impl Into<String>, id: impl Into<String>) -> Self {
-        let id = id.into();
+    /// The named protocol v2 headers, in the order Celery 5.7 writes them (everything else is
+    /// kept in `extra`).
+    pub const FIELDS: [&str; 19] = [
+        "lang",
+        "task",
+        "id",
+        "shadow",
+        "eta",
+        "expires",
+        "group",
+        "group_index",
+        "retries",
+        "timelimit",
+        "root_id",
+        "parent_id",
+        "argsrepr",
+        "kwargsrepr",
+        "origin",
+        "ignore_result",
+        "replaced_task_nesting",
+        "stamped_headers",
+        "stamps",
+    ];
+
+    /// Headers with every field at what its absence reads as.
+    pub(super) fn blank() -> Self {
         TaskHeaders {
-            lang: "rs".to_owned(),
-            task: task.into(),
-            root_id: Some(id.clone()),
-            id,
+            lang: String::new(),
+            task: String::new(),
+            id: String::new(),
             shadow: None,
             eta: None,
             expires: None,
@@ -151,6 +173,7 @@ impl TaskHeaders {
             group_index: None,
             retries: 0,
             timelimit: (None, None),
+            root_id: None,
             parent_id: None,
             argsrepr: None,
             kwargsrepr: None,
@@ -161,6 +184,12 @@ impl TaskHeaders {
             stamps: Map::new(),
             extra: Map::new(),
         }
+    }
+
+    /// Headers for a fresh task with every optional field empty.
+    pub fn new(task: impl Into<String>, id: impl Into<String>) -> Self {
+        let id = id.into();
+        TaskHeaders { lang: "rs".to_owned(), task: task.into(), root_id: Some(id.clone()), id, ..Self::blank() }
     }
 
     /// The ETA as a time; `None` when absent or unparsable.

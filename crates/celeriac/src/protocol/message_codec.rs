@@ -154,27 +154,7 @@ enum H {
 }
 
 /// The named header fields, as written.
-const HEADER_FIELDS: &[&str] = &[
-    "lang",
-    "task",
-    "id",
-    "shadow",
-    "eta",
-    "expires",
-    "group",
-    "group_index",
-    "retries",
-    "timelimit",
-    "root_id",
-    "parent_id",
-    "argsrepr",
-    "kwargsrepr",
-    "origin",
-    "ignore_result",
-    "replaced_task_nesting",
-    "stamped_headers",
-    "stamps",
-];
+const HEADER_FIELDS: &[&str] = &TaskHeaders::FIELDS;
 
 fn header_field(key: &str) -> Option<H> {
     Some(match key {
@@ -202,32 +182,6 @@ fn header_field(key: &str) -> Option<H> {
 }
 
 type Limits = (Option<Number>, Option<Number>);
-
-/// Headers with every field at what its absence reads as.
-fn blank_headers() -> TaskHeaders {
-    TaskHeaders {
-        lang: String::new(),
-        task: String::new(),
-        id: String::new(),
-        shadow: None,
-        eta: None,
-        expires: None,
-        group: None,
-        group_index: None,
-        retries: 0,
-        timelimit: (None, None),
-        root_id: None,
-        parent_id: None,
-        argsrepr: None,
-        kwargsrepr: None,
-        origin: None,
-        ignore_result: false,
-        replaced_task_nesting: 0,
-        stamped_headers: None,
-        stamps: Map::new(),
-        extra: Map::new(),
-    }
-}
 
 /// Reads headers into blank [`TaskHeaders`], in place (the struct is large: moving it through
 /// every layer of serde costs more than reading a field).
@@ -836,7 +790,7 @@ pub(super) fn decode(bytes: &[u8]) -> Option<Message> {
         body: Vec::new(),
         content_encoding: String::new(),
         content_type: String::new(),
-        headers: blank_headers(),
+        headers: TaskHeaders::blank(),
         properties: Properties::empty(),
     };
     let mut de = serde_json::Deserializer::from_str(text);
