@@ -144,13 +144,9 @@ impl ResultBackend for MemoryBackend {
         Ok(lock(&self.groups).get(group_id).cloned())
     }
 
-    async fn put_record(
-        &self,
-        key: &str,
-        value: &serde_json::Value,
-        _expires: Option<Duration>,
-    ) -> Result<(), BackendError> {
-        lock(&self.kv).insert(key.to_owned(), value.clone());
+    async fn put_record(&self, key: &str, json: &[u8], _expires: Option<Duration>) -> Result<(), BackendError> {
+        let value = serde_json::from_slice(json).map_err(|e| BackendError::storage("put record", e))?;
+        lock(&self.kv).insert(key.to_owned(), value);
         Ok(())
     }
 

@@ -134,13 +134,9 @@ pub trait ResultBackend: Send + Sync + 'static {
     /// A saved group result's tuple (`GroupResult.restore`).
     async fn restore_group(&self, group_id: &str) -> Result<Option<serde_json::Value>, BackendError>;
 
-    /// Stores a JSON record under `key` (workflow trees, rollback records, saved groups).
-    async fn put_record(
-        &self,
-        key: &str,
-        value: &serde_json::Value,
-        expires: Option<Duration>,
-    ) -> Result<(), BackendError>;
+    /// Stores a JSON record (`json`, already encoded) under `key` (workflow trees, rollback
+    /// records, saved groups).
+    async fn put_record(&self, key: &str, json: &[u8], expires: Option<Duration>) -> Result<(), BackendError>;
 
     /// The JSON record under `key`.
     async fn get_record(&self, key: &str) -> Result<Option<serde_json::Value>, BackendError>;

@@ -341,9 +341,9 @@ impl ResultBackend for RedisBackend {
         Ok(raw.and_then(|r| serde_json::from_slice::<Value>(&r).ok()).and_then(|v| v.get("result").cloned()))
     }
 
-    async fn put_record(&self, key: &str, value: &Value, expires: Option<Duration>) -> Result<(), BackendError> {
+    async fn put_record(&self, key: &str, json: &[u8], expires: Option<Duration>) -> Result<(), BackendError> {
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.record_key(key)).arg(serde_json::to_vec(value).unwrap_or_default());
+        cmd.arg(self.record_key(key)).arg(json);
         if let Some(e) = expires {
             cmd.arg("EX").arg(e.as_secs().max(1));
         }

@@ -333,15 +333,10 @@ impl ResultBackend for SqliteBackend {
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).ok()))
     }
 
-    async fn put_record(
-        &self,
-        key: &str,
-        value: &serde_json::Value,
-        expires: Option<Duration>,
-    ) -> Result<(), BackendError> {
+    async fn put_record(&self, key: &str, json: &[u8], expires: Option<Duration>) -> Result<(), BackendError> {
         sqlx::query("INSERT INTO celeriac_records (key, value, expires_at) VALUES (?, ?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value, expires_at = excluded.expires_at")
             .bind(key)
-            .bind(serde_json::to_vec(value).unwrap_or_default())
+            .bind(json)
             .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
             .execute(&self.pool)
             .await

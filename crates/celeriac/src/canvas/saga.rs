@@ -124,9 +124,9 @@ pub async fn rollbacks(app: &App, root_id: &str) -> Result<Vec<Rollback>, Error>
 }
 
 async fn save(app: &App, record: &Rollback) -> Result<(), Error> {
-    let value = serde_json::to_value(record).unwrap_or(Value::Null);
+    let json = serde_json::to_vec(record).unwrap_or_default();
     let expires = app.config().result_expires_duration();
-    app.backend().put_record(&key(&record.chain_result_id), &value, expires).await?;
+    app.backend().put_record(&key(&record.chain_result_id), &json, expires).await?;
     let mut ids: Vec<String> = app
         .backend()
         .get_record(&index_key(&record.root_id))
@@ -135,7 +135,8 @@ async fn save(app: &App, record: &Rollback) -> Result<(), Error> {
         .unwrap_or_default();
     if !ids.contains(&record.chain_result_id) {
         ids.push(record.chain_result_id.clone());
-        app.backend().put_record(&index_key(&record.root_id), &Value::from(ids), expires).await?;
+        let json = serde_json::to_vec(&ids).unwrap_or_default();
+        app.backend().put_record(&index_key(&record.root_id), &json, expires).await?;
     }
     Ok(())
 }

@@ -25,7 +25,7 @@ pub(crate) async fn apply_async(app: &App, signature: Signature) -> Result<Async
     if !matches!(sig.node, Node::Task) || has_links {
         // Recorded for `celeriac workflow`: canvases, and tasks with callbacks.
         let res = super::apply::freeze(&ctx, &mut sig, Freeze::default())?;
-        super::workflow::save(app, &sig.to_signature(), &res.id()).await?;
+        super::workflow::save(app, &sig, &res.id()).await?;
     }
     let res = super::apply::apply_async(&ctx, sig, Call::default()).await?;
     Ok(AsyncResult::new(res.id(), app.clone()).with_tuple(res.as_tuple()))

@@ -2,8 +2,9 @@
 //! signature in it with its state, timing, retries and result, plus its rollback if it had one.
 //! Canvases sent from a client are recorded (frozen, with all task ids) under `workflow:<id>`.
 
-use super::primitives::{Kind, kind, result_id};
+use super::primitives::{Kind, kind};
 use super::saga::{Rollback, rollback};
+use super::tree::{Node, Sig};
 use crate::Error;
 use crate::app::App;
 use crate::protocol::{Signature, State};
@@ -12,9 +13,10 @@ use serde_json::Value;
 use std::fmt;
 
 /// Records a frozen canvas under its result id and its first task's id, and every group in it
-/// (so `App::group_result` works before the group is sent).
-pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Result<(), Error> {
-    let value = serde_json::to_value(frozen).unwrap_or(Value::Null);
+/// (so `App::group_result` works before the group is sent). Walks the in-memory tree: decoding
+/// the members back from JSON cost more than sending a chord of 10,000.
+pub(crate) async fn save(app: &App, frozen: &Sig, result_id: &str) -> Result<(), Error> {
+    let json = serde_json::to_vec(frozen).unwrap_or_default();
     let expires = app.config().result_expires_duration();
     let mut groups = Vec::new();
     collect_groups(frozen, &mut groups);
@@ -22,37 +24,52 @@ pub(crate) async fn save(app: &App, frozen: &Signature, result_id: &str) -> Resu
         let tuple = super::result::Res::group(gid.clone(), members.into_iter().map(super::result::Res::task).collect());
         app.backend().save_group(&gid, &tuple.as_tuple(), expires).await?;
     }
-    app.backend().put_record(&format!("workflow:{result_id}"), &value, expires).await?;
+    app.backend().put_record(&format!("workflow:{result_id}"), &json, expires).await?;
     if let Some(first) = first_task_id(frozen)
         && first != result_id
     {
-        app.backend().put_record(&format!("workflow:{first}"), &value, expires).await?;
+        app.backend().put_record(&format!("workflow:{first}"), &json, expires).await?;
     }
     Ok(())
 }
 
-fn collect_groups(sig: &Signature, out: &mut Vec<(String, Vec<String>)>) {
-    match kind(sig) {
-        Ok(Kind::Chain(steps)) => steps.iter().for_each(|s| collect_groups(s, out)),
-        Ok(Kind::Group(members)) => {
-            if let Some(gid) = sig.task_id() {
+/// The id under which `sig`'s result is stored (once frozen): a task's id, a chain's last
+/// step's, a chord's body's, a group's id.
+fn result_id(sig: &Sig) -> Option<String> {
+    match &sig.node {
+        Node::Task | Node::Group(_) => sig.id().map(str::to_owned),
+        Node::Chain(steps) => steps.last().and_then(result_id),
+        Node::Chord(parts) => parts.body.as_ref().and_then(result_id),
+    }
+}
+
+/// Every group in `sig` with its members' result ids (a chord's header is not one: its
+/// members are recorded with the chord).
+fn collect_groups(sig: &Sig, out: &mut Vec<(String, Vec<String>)>) {
+    match &sig.node {
+        Node::Task => {}
+        Node::Chain(steps) => steps.iter().for_each(|s| collect_groups(s, out)),
+        Node::Group(members) => {
+            if let Some(gid) = sig.id() {
                 out.push((gid.to_owned(), members.iter().filter_map(result_id).collect()));
             }
             members.iter().for_each(|m| collect_groups(m, out));
         }
-        Ok(Kind::Chord { header, body }) => {
-            header.iter().for_each(|m| collect_groups(m, out));
-            collect_groups(&body, out);
+        Node::Chord(parts) => {
+            // A chord without a body is not a canvas that can run; nothing in it is recorded.
+            if let Some(body) = &parts.body {
+                parts.header.tasks().iter().for_each(|m| collect_groups(m, out));
+                collect_groups(body, out);
+            }
         }
-        _ => {}
     }
 }
 
-fn first_task_id(sig: &Signature) -> Option<String> {
-    match kind(sig).ok()? {
-        Kind::Task => sig.task_id().map(str::to_owned),
-        Kind::Chain(steps) => steps.first().and_then(first_task_id),
-        Kind::Group(_) | Kind::Chord { .. } => sig.task_id().map(str::to_owned),
+/// The id of the task a canvas starts with (a group's or chord's own id).
+fn first_task_id(sig: &Sig) -> Option<String> {
+    match &sig.node {
+        Node::Chain(steps) => steps.first().and_then(first_task_id),
+        _ => sig.id().map(str::to_owned),
     }
 }
 
@@ -96,7 +113,7 @@ pub async fn workflow(app: &App, id: &str) -> Result<Option<Workflow>, Error> {
     let mut known = Vec::new();
     collect_ids(&root, &mut known);
     add_sent(app, &mut root, &known).await?;
-    let root_id = first_task_id(&sig).unwrap_or_else(|| id.to_owned());
+    let root_id = Sig::from_signature(sig).ok().and_then(|s| first_task_id(&s)).unwrap_or_else(|| id.to_owned());
     let rollback = rollback(app, &root_id).await?;
     Ok(Some(Workflow { root, rollback }))
 }
