@@ -5,7 +5,7 @@
 
 mod common;
 
-use celeriac::backend::{ResultBackend, StoreOutcome};
+use celeriac::backend::{ChordPart, ResultBackend, StoreOutcome};
 use celeriac::protocol::{ExceptionInfo, ResultMeta};
 use celeriac::{App, GroupResult, Request, State, TaskResult, task};
 use serde_json::json;
@@ -68,6 +68,48 @@ async fn contract(backend: Arc<dyn ResultBackend>, self_expiring: bool) {
     assert_eq!(seen.status, State::Success);
     let none = backend.wait_ready("never", Duration::from_millis(50)).await.unwrap();
     assert!(none.is_none());
+
+    chord_counting(&*backend).await;
+}
+
+/// Members of two chords finishing at once (one batch, where the backend batches), one of them
+/// twice: each chord completes exactly once, for one caller, with every member in index order.
+async fn chord_counting(backend: &dyn ResultBackend) {
+    let sizes = [("g-a", 40usize), ("g-b", 25)];
+    for (gid, size) in sizes {
+        backend.set_chord_size(gid, size, None).await.unwrap();
+    }
+    let part = |gid: &str, i: usize| ChordPart {
+        index: Some(i as u64),
+        task_id: format!("{gid}-{i}"),
+        state: State::Success,
+        result: json!(i),
+    };
+    let mut parts: Vec<(String, ChordPart)> = Vec::new();
+    for i in (0..40).rev() {
+        parts.push(("g-a".into(), part("g-a", i)));
+        if i < 25 {
+            parts.push(("g-b".into(), part("g-b", i)));
+        }
+    }
+    // A redelivered member counts once.
+    parts.insert(3, ("g-a".into(), part("g-a", 39)));
+    let outcomes = futures::future::join_all(parts.into_iter().map(|(gid, p)| async move {
+        let done = backend.chord_part_return(&gid, p).await.unwrap();
+        (gid, done)
+    }))
+    .await;
+    for (gid, size) in sizes {
+        let completions: Vec<&Vec<ChordPart>> =
+            outcomes.iter().filter(|(g, _)| g == gid).filter_map(|(_, done)| done.as_ref()).collect();
+        assert_eq!(completions.len(), 1, "{gid} completes exactly once");
+        let got: Vec<_> = completions[0].iter().map(|p| (p.task_id.clone(), p.result.clone())).collect();
+        let want: Vec<_> = (0..size).map(|i| (format!("{gid}-{i}"), json!(i))).collect();
+        assert_eq!(got, want, "{gid}: every member once, in index order");
+        backend.chord_finished(gid, true).await.unwrap();
+    }
+    let late = backend.chord_part_return("g-a", part("g-a", 0)).await.unwrap();
+    assert!(late.is_none(), "a late copy after the chord is done completes nothing");
 }
 
 #[tokio::test]

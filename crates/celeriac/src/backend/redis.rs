@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Counts a chord member the way Celery 5.7's Redis backend does, so Python and Rust members
@@ -22,25 +23,41 @@ use std::time::Duration;
 /// again reuses its group id, and Celery's client clears `done` only just before it sends the
 /// last header task, so a fast worker can finish the first member of the new run before that;
 /// dropped, the new run would never complete.
+///
+/// Members are counted in batches: KEYS holds five keys per member (`.j .t .s .d .c`), ARGV
+/// four values per member (task id, `[1, id, state, result]`, index, ttl) and last the claim
+/// token; members are taken in order, each exactly as one call of its own would be (the keys
+/// of a chord get their expiry once per batch). Returns, per member, nothing or (for the one
+/// that completed its chord) every member.
 const CHORD_PART: &str = r#"
-local jkey, tkey, skey, dkey, ckey = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local done = redis.call('GET', ckey) == 'done'
-local member = ARGV[1] .. ':' .. ARGV[3]
-if redis.call('SISMEMBER', dkey, member) == 0 then
-  redis.call('ZADD', jkey, ARGV[3], ARGV[2])
-  redis.call('SADD', dkey, member)
+local out = {}
+local token = ARGV[#ARGV]
+local expired = {}
+for i = 0, #KEYS / 5 - 1 do
+  local jkey, tkey, skey, dkey, ckey = KEYS[5 * i + 1], KEYS[5 * i + 2], KEYS[5 * i + 3], KEYS[5 * i + 4], KEYS[5 * i + 5]
+  local task_id, entry, score, ttl = ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3], tonumber(ARGV[4 * i + 4])
+  out[i + 1] = false
+  local done = redis.call('GET', ckey) == 'done'
+  local member = task_id .. ':' .. score
+  if redis.call('SISMEMBER', dkey, member) == 0 then
+    redis.call('ZADD', jkey, score, entry)
+    redis.call('SADD', dkey, member)
+  end
+  if ttl > 0 and not expired[jkey] then
+    expired[jkey] = true
+    for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, ttl) end
+  end
+  if not done then
+    local size = redis.call('GET', skey)
+    if size then
+      local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
+      if redis.call('ZCARD', jkey) == total and redis.call('SET', ckey, token, 'NX', 'EX', 30) then
+        out[i + 1] = redis.call('ZRANGE', jkey, 0, -1)
+      end
+    end
+  end
 end
-local ttl = tonumber(ARGV[4])
-if ttl > 0 then
-  for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, ttl) end
-end
-if done then return false end
-local size = redis.call('GET', skey)
-if not size then return false end
-local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
-if redis.call('ZCARD', jkey) ~= total then return false end
-if not redis.call('SET', ckey, ARGV[5], 'NX', 'EX', 30) then return false end
-return redis.call('ZRANGE', jkey, 0, -1)
+return out
 "#;
 
 /// After the body was sent, while the claim is still ours (ARGV[1], the token): the counting
@@ -84,14 +101,25 @@ end
 return out
 "#;
 
+/// One chord member to count: the chord's key stem (`celery-taskset-meta-<gid>`), the member's
+/// task id, its `.j` entry and index, and the keys' ttl in seconds.
+struct CountedPart {
+    keys: String,
+    task_id: String,
+    entry: Vec<u8>,
+    score: String,
+    ttl: u64,
+}
+
 /// The Redis result backend.
 pub struct RedisBackend {
     client: redis::Client,
     conn: ConnectionManager,
     url: String,
     prefix: String,
-    chord_part: redis::Script,
     chord_done: redis::Script,
+    /// Chord members are counted in batches ([`CHORD_PART`]).
+    chord_parts: crate::batch::Coalescer<CountedPart, Option<(Arc<str>, Vec<Vec<u8>>)>>,
     /// Result writes go out in batches (`STORE_MANY`).
     writer: crate::batch::Coalescer<(String, Vec<u8>, u64), i64>,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
@@ -140,13 +168,33 @@ impl RedisBackend {
                 })
             })
         };
+        let chord_parts = {
+            let (conn, script) = (conn.clone(), redis::Script::new(CHORD_PART));
+            crate::batch::Coalescer::new(256, move |items: Vec<CountedPart>| {
+                let (mut conn, script) = (conn.clone(), script.clone());
+                Box::pin(async move {
+                    let token: Arc<str> = uuid::Uuid::new_v4().simple().to_string().into();
+                    let mut inv = script.prepare_invoke();
+                    for part in &items {
+                        for suffix in ["j", "t", "s", "d", "c"] {
+                            inv.key(format!("{}.{suffix}", part.keys));
+                        }
+                        inv.arg(&part.task_id).arg(part.entry.as_slice()).arg(&part.score).arg(part.ttl);
+                    }
+                    inv.arg(&*token);
+                    let done: Vec<Option<Vec<Vec<u8>>>> =
+                        inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+                    Ok(done.into_iter().map(|parts| parts.map(|p| (token.clone(), p))).collect())
+                })
+            })
+        };
         Ok(RedisBackend {
             writer,
+            chord_parts,
             client,
             conn,
             url: crate::broker::redact(url),
             prefix,
-            chord_part: redis::Script::new(CHORD_PART),
             chord_done: redis::Script::new(CHORD_DONE),
             chord_ttl: 86_400,
             chord_claims: Default::default(),
@@ -168,7 +216,7 @@ impl RedisBackend {
     }
 
     fn chord_key(&self, group_id: &str, suffix: &str) -> String {
-        format!("{}celery-taskset-meta-{group_id}.{suffix}", self.prefix)
+        format!("{}.{suffix}", self.group_key(group_id))
     }
 
     fn record_key(&self, key: &str) -> String {
@@ -250,28 +298,23 @@ impl ResultBackend for RedisBackend {
     }
 
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
-        let member =
+        let entry =
             pyjson::to_vec(&serde_json::json!([1, part.task_id, part.state.as_str(), part.result])).unwrap_or_default();
-        let score = part.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_owned());
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        let parts: Option<Vec<Vec<u8>>> = self
-            .chord_part
-            .key(self.chord_key(group_id, "j"))
-            .key(self.chord_key(group_id, "t"))
-            .key(self.chord_key(group_id, "s"))
-            .key(self.chord_key(group_id, "d"))
-            .key(self.chord_key(group_id, "c"))
-            .arg(&part.task_id)
-            .arg(member)
-            .arg(score)
-            .arg(self.chord_ttl)
-            .arg(&token)
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(err("chord part"))?;
-        if parts.is_some() {
-            self.claims().insert(group_id.to_owned(), token);
-        }
+        let counted = CountedPart {
+            keys: self.group_key(group_id),
+            score: part.index.map(|i| i.to_string()).unwrap_or_else(|| "+inf".to_owned()),
+            task_id: part.task_id,
+            entry,
+            ttl: self.chord_ttl,
+        };
+        let parts = self.chord_parts.call(counted).await.map_err(|e| BackendError::Storage {
+            operation: "chord part",
+            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+        })?;
+        let parts = parts.map(|(token, list)| {
+            self.claims().insert(group_id.to_owned(), token.to_string());
+            list
+        });
         Ok(parts.map(|list| {
             list.iter()
                 .enumerate()

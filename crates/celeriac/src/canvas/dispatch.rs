@@ -177,7 +177,7 @@ async fn fail_chain(ctx: &Ctx, chain: &[Value], exc: &ExceptionInfo, traceback: 
                 id: id.clone(),
                 group: options.get("group_id").and_then(Value::as_str).map(str::to_owned),
                 group_index: options.get("group_index").and_then(Value::as_u64),
-                chord: options.get("chord").cloned(),
+                chord: options.get("chord").map(ChordBody::Value),
             };
             Box::pin(part_return(ctx, &part, State::Failure, serde_json::to_value(exc).unwrap_or_default())).await;
         }
@@ -278,18 +278,33 @@ pub(crate) async fn on_revoked(
         id: message.headers.id.clone(),
         group: message.headers.group.clone(),
         group_index: message.headers.group_index,
-        chord: Some(sig_value(chord)),
+        chord: Some(ChordBody::Signature(chord)),
     };
     let exc = serde_json::to_value(ExceptionInfo::revoked(why)).unwrap_or_default();
     part_return(&Ctx::client(app), &part, State::Revoked, exc).await;
 }
 
 /// The chord membership of a call (or of a chain step failed on its behalf).
-struct PartOf {
+struct PartOf<'a> {
     id: String,
     group: Option<String>,
     group_index: Option<u64>,
-    chord: Option<Value>,
+    chord: Option<ChordBody<'a>>,
+}
+
+/// A chord's body as the member carries it; decoded only by the member that completes it.
+enum ChordBody<'a> {
+    Signature(&'a Signature),
+    Value(&'a Value),
+}
+
+impl ChordBody<'_> {
+    fn to_sig(&self) -> Result<Sig, String> {
+        match self {
+            ChordBody::Signature(s) => Sig::from_signature((*s).clone()),
+            ChordBody::Value(v) => Sig::from_value(v),
+        }
+    }
 }
 
 /// Counts a finished chord member (`on_chord_part_return`).
@@ -299,7 +314,7 @@ async fn chord_part_return(call: &Call, state: State, result: Value) {
         id: call.request.id.clone(),
         group: call.request.group.clone(),
         group_index: call.request.group_index,
-        chord: Some(sig_value(chord)),
+        chord: Some(ChordBody::Signature(chord)),
     };
     part_return(&ctx_of(call, Map::new()), &part, state, result).await;
 }
@@ -316,7 +331,7 @@ fn exc_repr(result: &Value) -> String {
     }
 }
 
-async fn part_return(ctx: &Ctx, part: &PartOf, state: State, result: Value) {
+async fn part_return(ctx: &Ctx, part: &PartOf<'_>, state: State, result: Value) {
     let (Some(gid), Some(chord)) = (&part.group, &part.chord) else { return };
     let app = &ctx.app;
     let counted = ChordPart { index: part.group_index, task_id: part.id.clone(), state, result };
@@ -328,7 +343,7 @@ async fn part_return(ctx: &Ctx, part: &PartOf, state: State, result: Value) {
             return;
         }
     };
-    let callback = match Sig::from_value(chord) {
+    let callback = match chord.to_sig() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(group_id = %gid, error = %e, "chord body is not a signature");

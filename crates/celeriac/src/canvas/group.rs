@@ -90,8 +90,9 @@ pub(crate) async fn apply_async(ctx: &Ctx, sig: Sig, call: Call) -> Result<Res, 
     Ok(result)
 }
 
-/// `_apply_tasks`: sends each member; before the last one of a chord's header, the chord
-/// size (members counted with `_descend`).
+/// `_apply_tasks`: sends each member; before any of a chord's header is sent, the chord size
+/// (members counted with `_descend`; Celery records it before the last member, and earlier
+/// is as safe).
 async fn apply_tasks(
     ctx: &Ctx,
     members: Vec<(Sig, Res)>,
@@ -101,8 +102,10 @@ async fn apply_tasks(
     kwargs: &Map<String, Value>,
     options: &Map<String, Value>,
 ) -> Result<Vec<Res>, Error> {
-    // The members' messages go out together at the end (one broker batch); a chord's size is
-    // recorded before any of them is sent. A group inside a group joins the outer batch.
+    // The members' messages go out in broker batches of up to `FLUSH_EVERY` (so workers start
+    // on a big group while the rest is being built). A group inside a group joins the outer
+    // batches.
+    const FLUSH_EVERY: usize = 1000;
     let batched;
     let (ctx, outbox) = match &ctx.outbox {
         None if !ctx.app.config().task_always_eager => {
@@ -112,15 +115,21 @@ async fn apply_tasks(
         }
         _ => (ctx, None),
     };
-    let mut chord_size = 0usize;
-    let n = members.len();
-    let mut results = Vec::with_capacity(n);
-    for (i, (sig, res)) in members.into_iter().enumerate() {
-        let chord_obj = chord.clone().or_else(|| sig.opt("chord").cloned());
-        chord_size += super::chord::descend(&sig);
-        if chord_obj.is_some() && i + 1 == n {
-            ctx.app.backend().set_chord_size(group_id, chord_size, ctx.app.config().result_expires_duration()).await?;
+    let last_in_chord = chord.is_some() || members.last().is_some_and(|(sig, _)| sig.opt("chord").is_some());
+    if last_in_chord {
+        let size = members.iter().map(|(sig, _)| super::chord::descend(sig)).sum();
+        ctx.app.backend().set_chord_size(group_id, size, ctx.app.config().result_expires_duration()).await?;
+    }
+    let flush = |outbox: &super::apply::Outbox| {
+        let built = std::mem::take(&mut *outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        async move {
+            let refs: Vec<(&str, &crate::protocol::Message)> = built.iter().map(|(q, m)| (q.as_str(), m)).collect();
+            ctx.app.broker().publish_many(&refs).await
         }
+    };
+    let mut results = Vec::with_capacity(members.len());
+    for (sig, res) in members {
+        let chord_obj = chord.clone().or_else(|| sig.opt("chord").cloned());
         let mut call_options = options.clone();
         call_options.insert("add_to_parent".into(), Value::Bool(false));
         if let Some(c) = chord_obj {
@@ -128,11 +137,14 @@ async fn apply_tasks(
         }
         apply_any(ctx, sig, Call { args: args.to_vec(), kwargs: kwargs.clone(), options: call_options }).await?;
         results.push(res);
+        if let Some(outbox) = &outbox
+            && outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len() >= FLUSH_EVERY
+        {
+            flush(outbox).await?;
+        }
     }
-    if let Some(outbox) = outbox {
-        let built = std::mem::take(&mut *outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-        let refs: Vec<(&str, &crate::protocol::Message)> = built.iter().map(|(q, m)| (q.as_str(), m)).collect();
-        ctx.app.broker().publish_many(&refs).await?;
+    if let Some(outbox) = &outbox {
+        flush(outbox).await?;
     }
     Ok(results)
 }
