@@ -111,6 +111,9 @@ struct CountedPart {
     ttl: u64,
 }
 
+/// What the member that completed its chord gets: the claim token and every member's entry.
+type Completed = (Arc<str>, Vec<Vec<u8>>);
+
 /// The Redis result backend.
 pub struct RedisBackend {
     client: redis::Client,
@@ -119,7 +122,7 @@ pub struct RedisBackend {
     prefix: String,
     chord_done: redis::Script,
     /// Chord members are counted in batches ([`CHORD_PART`]).
-    chord_parts: crate::batch::Coalescer<CountedPart, Option<(Arc<str>, Vec<Vec<u8>>)>>,
+    chord_parts: crate::batch::Coalescer<CountedPart, Option<Completed>>,
     /// Result writes go out in batches (`STORE_MANY`).
     writer: crate::batch::Coalescer<(String, Vec<u8>, u64), i64>,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
