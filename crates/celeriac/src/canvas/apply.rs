@@ -244,8 +244,17 @@ pub(crate) async fn send_task(ctx: &Ctx, mut sig: crate::protocol::Signature) ->
 /// Sends a signature given as JSON (a callback, an errback, a chord body) with partial
 /// arguments; logs and returns `None` when it cannot be applied.
 pub(crate) async fn apply_value(ctx: &Ctx, value: &Value, call: Call) -> Option<Res> {
-    let name = value.get("task").and_then(Value::as_str).unwrap_or("?").to_owned();
-    match Sig::from_value(value) {
+    let name = value.get("task").and_then(Value::as_str).unwrap_or("?");
+    apply_decoded(ctx, name, Sig::from_value(value), call).await
+}
+
+/// [`apply_value`] for a signature already decoded (a message's `embed`).
+pub(crate) async fn apply_signature(ctx: &Ctx, sig: &crate::protocol::Signature, call: Call) -> Option<Res> {
+    apply_decoded(ctx, &sig.task, Sig::from_signature(sig.clone()), call).await
+}
+
+async fn apply_decoded(ctx: &Ctx, name: &str, sig: Result<Sig, String>, call: Call) -> Option<Res> {
+    match sig {
         Ok(sig) => match apply_async(ctx, sig, call).await {
             Ok(r) => Some(r),
             Err(e) => {

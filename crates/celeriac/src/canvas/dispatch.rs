@@ -9,7 +9,7 @@
 //!   traceback`) run inline here, old-style ones are sent with the failed task's id;
 //! - the saga hooks (Celeriac's rollback).
 
-use super::apply::{Call as Apply, Ctx, Current, apply_async, apply_value};
+use super::apply::{Call as Apply, Ctx, Current, apply_async, apply_signature, apply_value};
 use super::result::Res;
 use super::saga;
 use super::tree::{Node, Sig};
@@ -73,7 +73,7 @@ pub(crate) async fn on_success(call: &Call, value: &Value) {
         && let Some((next, rest)) = chain.split_last()
     {
         let rest = Value::Array(rest.iter().map(sig_value).collect());
-        apply_value(&ctx, &sig_value(next), opts(Apply::args(vec![value.clone()])).opt("chain", rest)).await;
+        apply_signature(&ctx, next, opts(Apply::args(vec![value.clone()])).opt("chain", rest)).await;
     }
 }
 

@@ -20,16 +20,25 @@ pub(crate) async fn save(app: &App, frozen: &Sig, result_id: &str) -> Result<(),
     let expires = app.config().result_expires_duration();
     let mut groups = Vec::new();
     collect_groups(frozen, &mut groups);
-    for (gid, members) in groups {
-        let tuple = super::result::Res::group(gid.clone(), members.into_iter().map(super::result::Res::task).collect());
-        app.backend().save_group(&gid, &tuple.as_tuple(), expires).await?;
-    }
-    app.backend().put_record(&format!("workflow:{result_id}"), &json, expires).await?;
+    let backend = app.backend();
+    let tuples: Vec<(String, Value)> = groups
+        .into_iter()
+        .map(|(gid, members)| {
+            let tuple =
+                super::result::Res::group(gid.clone(), members.into_iter().map(super::result::Res::task).collect());
+            (gid, tuple.as_tuple())
+        })
+        .collect();
+    let mut keys = vec![format!("workflow:{result_id}")];
     if let Some(first) = first_task_id(frozen)
         && first != result_id
     {
-        app.backend().put_record(&format!("workflow:{first}"), &json, expires).await?;
+        keys.push(format!("workflow:{first}"));
     }
+    // Independent writes: sent together (one round trip on a pipelining backend).
+    let saves = futures::future::try_join_all(tuples.iter().map(|(gid, t)| backend.save_group(gid, t, expires)));
+    let records = futures::future::try_join_all(keys.iter().map(|k| backend.put_record(k, &json, expires)));
+    tokio::try_join!(saves, records)?;
     Ok(())
 }
 
