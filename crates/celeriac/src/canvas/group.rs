@@ -29,14 +29,10 @@ fn freeze_gid(sig: &Sig, options: Map<String, Value>) -> (Map<String, Value>, St
 
 /// `_prepared`: the members, nested groups flattened and empty chains dropped, each frozen
 /// into the group with its index.
-fn prepared(ctx: &Ctx, tasks: &[Sig], group_id: &str, root_id: &Option<String>, out: &mut Vec<(Sig, Res)>) {
-    for (index, task) in tasks.iter().enumerate() {
-        let mut task = task.clone();
-        match &task.node {
-            Node::Group(inner) => {
-                let inner = inner.clone();
-                prepared(ctx, &inner, group_id, root_id, out);
-            }
+fn prepared(ctx: &Ctx, tasks: Vec<Sig>, group_id: &str, root_id: &Option<String>, out: &mut Vec<(Sig, Res)>) {
+    for (index, mut task) in tasks.into_iter().enumerate() {
+        match task.node {
+            Node::Group(inner) => prepared(ctx, inner, group_id, root_id, out),
             Node::Chain(steps) if steps.is_empty() => {}
             _ => {
                 let res = super::apply::freeze(
@@ -74,7 +70,11 @@ pub(crate) async fn apply_async(ctx: &Ctx, sig: Sig, call: Call) -> Result<Res, 
     }
     let (mut options, group_id, root_id) = freeze_gid(&sig, options);
     let mut members = Vec::new();
-    prepared(ctx, sig.tasks(), &group_id, &root_id, &mut members);
+    let tasks = match sig.node {
+        Node::Group(tasks) => tasks,
+        _ => sig.tasks().to_vec(),
+    };
+    prepared(ctx, tasks, &group_id, &root_id, &mut members);
     let chord = take(&mut options, "chord");
     options.remove("group_index");
     options.remove("add_to_parent");

@@ -9,6 +9,7 @@ use crate::protocol::{Embed, Message, Signature, TaskBody, TaskHeaders, args_rep
 use crate::result::AsyncResult;
 use crate::task::Request;
 use chrono::{DateTime, Utc};
+use serde::Deserialize;
 use serde_json::{Map, Number, Value};
 
 /// Sends `signature`, of any kind, from a client (or runs it inline in eager mode). A canvas
@@ -109,11 +110,11 @@ fn signatures(options: &Map<String, Value>, key: &str) -> Result<Option<Vec<Sign
         None | Some(Value::Null) => Ok(None),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|v| serde_json::from_value(v.clone()))
+            .map(Signature::deserialize)
             .collect::<Result<Vec<_>, _>>()
             .map(Some)
             .map_err(|source| Error::Encode { task: key.to_owned(), source }),
-        Some(one) => serde_json::from_value(one.clone())
+        Some(one) => Signature::deserialize(one)
             .map(|s| Some(vec![s]))
             .map_err(|source| Error::Encode { task: key.to_owned(), source }),
     }
@@ -257,10 +258,9 @@ pub(crate) fn build_message(app: &App, signature: &Signature, now: DateTime<Utc>
             chain: signatures(options, "chain")?,
             chord: match options.get("chord") {
                 None | Some(Value::Null) => None,
-                Some(c) => Some(
-                    serde_json::from_value(c.clone())
-                        .map_err(|source| Error::Encode { task: "chord".into(), source })?,
-                ),
+                Some(c) => {
+                    Some(Signature::deserialize(c).map_err(|source| Error::Encode { task: "chord".into(), source })?)
+                }
             },
             extra: Map::new(),
         }),

@@ -438,6 +438,7 @@ async fn chords(app: &App, s: &Settings) -> Result<Vec<Figure>, Failure> {
     for size in [100u64, 10_000] {
         let started = Instant::now();
         let r = chord((0..size).map(echo::s), Signature::new("celeriac.bench.count", vec![])).delay(app).await?;
+        let sent = started.elapsed().as_secs_f64();
         let n: usize = r.get(Duration::from_secs(300)).await?;
         if n as u64 != size {
             return Err(format!("chord of {size}: the body saw {n} results").into());
@@ -445,7 +446,8 @@ async fn chords(app: &App, s: &Settings) -> Result<Vec<Figure>, Failure> {
         figures.push(
             Figure::new(format!("chord of {size}"))
                 .with("tasks", size)
-                .with("seconds", round(started.elapsed().as_secs_f64(), 3)),
+                .with("seconds", round(started.elapsed().as_secs_f64(), 3))
+                .with("sent_after_s", round(sent, 3)),
         );
     }
     let report = worker.finish()?;
