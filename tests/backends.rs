@@ -151,6 +151,36 @@ async fn sqlite_backends_opening_a_new_file_together_all_work() {
 async fn redis_backend_contract() {
     let Some(url) = common::redis_url(2).await else { return };
     contract(celeriac::backend::from_url(&url).await.unwrap(), true).await;
+
+    // Waiters share one subscriber connection: many at once, five on each key, each gets its
+    // key's record, and no subscription is left once they are done.
+    let backend = celeriac::backend::from_url(&url).await.unwrap();
+    let waits: Vec<_> = (0..50)
+        .map(|i| {
+            let b = backend.clone();
+            tokio::spawn(async move { b.wait_ready(&format!("w-{}", i % 10), Duration::from_secs(5)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for k in 0..10 {
+        backend.store(&ResultMeta::new(format!("w-{k}"), State::Success, json!(k)), None).await.unwrap();
+    }
+    for (i, w) in waits.into_iter().enumerate() {
+        let meta = w.await.unwrap().unwrap().expect("a record");
+        assert_eq!((meta.status, meta.result), (State::Success, json!(i % 10)));
+    }
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let left = common::eventually(Duration::from_secs(5), || {
+        let mut conn = conn.clone();
+        async move {
+            let channels: Vec<String> =
+                redis::cmd("PUBSUB").arg("CHANNELS").arg("celery-task-meta-w-*").query_async(&mut conn).await.unwrap();
+            channels.is_empty()
+        }
+    })
+    .await;
+    assert!(left, "every waiter's subscription is gone once it is done");
 }
 
 #[tokio::test]

@@ -11,7 +11,9 @@ use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use serde_json::Value;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
+use tokio::sync::mpsc;
 
 /// Counts a chord member the way Celery 5.7's Redis backend does, so Python and Rust members
 /// of one chord count together: each `task_id:index` recorded once in `.d`, its
@@ -129,6 +131,9 @@ pub struct RedisBackend {
     chord_ttl: u64,
     /// Group id → the claim token this backend took for it, until the chord is finished.
     chord_claims: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// The subscriber connection every `wait_ready` shares (opened when first needed, again
+    /// after it dropped).
+    listener: tokio::sync::Mutex<Option<Arc<Listener>>>,
 }
 
 impl RedisBackend {
@@ -201,6 +206,7 @@ impl RedisBackend {
             chord_done: redis::Script::new(CHORD_DONE),
             chord_ttl: 86_400,
             chord_claims: Default::default(),
+            listener: Default::default(),
         })
     }
 
@@ -409,34 +415,27 @@ impl ResultBackend for RedisBackend {
         // Subscribe first, then read: a result stored in between is seen by the GET.
         let key = self.task_key(task_id);
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pubsub = match self.client.get_async_pubsub().await {
-            Ok(p) => p,
+        let listener = match self.listener().await {
+            Ok(l) => l,
             // Redis is restarting: read until it answers (or the time is up).
             Err(e) if transient(&e) => return self.poll_until(task_id, deadline).await,
             Err(e) => return Err(err("subscribe")(e)),
         };
-        if let Err(e) = pubsub.subscribe(&key).await {
-            if transient(&e) {
-                return self.poll_until(task_id, deadline).await;
-            }
-            return Err(err("subscribe")(e));
-        }
+        let mut waiter = match listener.wait_for(&key).await {
+            Ok(w) => w,
+            Err(e) if transient(&e) => return self.poll_until(task_id, deadline).await,
+            Err(e) => return Err(err("subscribe")(e)),
+        };
         let mut last = self.get_until(task_id, deadline).await?;
         if last.as_ref().is_some_and(|m| m.status.is_ready()) {
             return Ok(last);
         }
-        let mut messages = pubsub.on_message();
         loop {
-            let next = tokio::time::timeout_at(deadline, messages.next()).await;
-            match next {
+            match tokio::time::timeout_at(deadline, waiter.next()).await {
                 Err(_) => return Ok(last),
-                Ok(None) => {
-                    // The connection dropped: fall back to the stored value, then wait again.
-                    drop(messages);
-                    return self.poll_until(task_id, deadline).await;
-                }
-                Ok(Some(msg)) => {
-                    let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                // The connection dropped: read the stored value until the time is up.
+                Ok(None) => return self.poll_until(task_id, deadline).await,
+                Ok(Some(payload)) => {
                     if let Ok(meta) = decode(task_id, &payload) {
                         let ready = meta.status.is_ready();
                         last = Some(meta);
@@ -457,6 +456,17 @@ fn transient(e: &redis::RedisError) -> bool {
 }
 
 impl RedisBackend {
+    /// The shared subscriber connection, opened (again) if there is none alive.
+    async fn listener(&self) -> Result<Arc<Listener>, redis::RedisError> {
+        let mut current = self.listener.lock().await;
+        if let Some(l) = current.as_ref().filter(|l| l.alive.load(Ordering::Acquire)) {
+            return Ok(l.clone());
+        }
+        let l = Listener::open(&self.client).await?;
+        *current = Some(l.clone());
+        Ok(l)
+    }
+
     /// `get`, read again while the connection is being re-established (the first command after
     /// a Redis restart fails while the manager reconnects), until `deadline`.
     async fn get_until(
@@ -489,5 +499,119 @@ impl RedisBackend {
             }
             tokio::time::sleep(Duration::from_millis(50).min(deadline - tokio::time::Instant::now())).await;
         }
+    }
+}
+
+/// Result key → its waiters (id, where its records go).
+type Waiting = std::collections::HashMap<String, Vec<(u64, mpsc::UnboundedSender<Vec<u8>>)>>;
+
+/// One subscriber connection for every waiting client of a backend (a new connection per
+/// `wait_ready` cost a connect and a handshake per `get()`): a reader task hands each
+/// published record to the waiters of its key.
+struct Listener {
+    sink: redis::aio::PubSubSink,
+    /// Channel (result key) → its waiters.
+    waiters: std::sync::Mutex<Waiting>,
+    next_id: AtomicU64,
+    /// False once the connection dropped (the reader ended; waiters were let go).
+    alive: AtomicBool,
+    /// SUBSCRIBE and UNSUBSCRIBE take turns, so a key's last waiter leaving never unsubscribes
+    /// after a new waiter of the key subscribed.
+    turn: tokio::sync::Mutex<()>,
+    /// Dropped with the listener: the reader ends and the connection closes.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Listener {
+    async fn open(client: &redis::Client) -> Result<Arc<Listener>, redis::RedisError> {
+        let (sink, mut stream) = client.get_async_pubsub().await?.split();
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let listener = Arc::new(Listener {
+            sink,
+            waiters: Default::default(),
+            next_id: AtomicU64::new(0),
+            alive: AtomicBool::new(true),
+            turn: tokio::sync::Mutex::new(()),
+            _stop: stop,
+        });
+        let reader = Arc::downgrade(&listener);
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    msg = stream.next() => match msg { Some(m) => m, None => break },
+                    _ = &mut stopped => return,
+                };
+                let Some(listener) = reader.upgrade() else { return };
+                let payload: Vec<u8> = msg.get_payload().unwrap_or_default();
+                if let Some(waiting) = listener.lock_waiters().get(msg.get_channel_name()) {
+                    for (_, tx) in waiting {
+                        let _ = tx.send(payload.clone());
+                    }
+                }
+            }
+            if let Some(listener) = reader.upgrade() {
+                listener.alive.store(false, Ordering::Release);
+                // Dropping the senders tells every waiter the connection is gone.
+                listener.lock_waiters().clear();
+            }
+        });
+        Ok(listener)
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiters.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a waiter for `key` and subscribes; records published on `key` from then on
+    /// reach the waiter.
+    async fn wait_for(self: &Arc<Self>, key: &str) -> Result<Waiter, redis::RedisError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.lock_waiters().entry(key.to_owned()).or_default().push((id, tx));
+        let waiter = Waiter { listener: self.clone(), key: key.to_owned(), id, rx };
+        let _turn = self.turn.lock().await;
+        self.sink.clone().subscribe(key).await?;
+        Ok(waiter)
+    }
+}
+
+/// One waiting client; leaving (drop) unsubscribes the key when it was the key's last.
+struct Waiter {
+    listener: Arc<Listener>,
+    key: String,
+    id: u64,
+    rx: mpsc::UnboundedReceiver<Vec<u8>>,
+}
+
+impl Waiter {
+    /// The next record published on the key; `None` when the connection dropped.
+    async fn next(&mut self) -> Option<Vec<u8>> {
+        self.rx.recv().await
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        let last = {
+            let mut waiters = self.listener.lock_waiters();
+            match waiters.get_mut(&self.key) {
+                Some(list) => {
+                    list.retain(|(id, _)| *id != self.id);
+                    list.is_empty() && waiters.remove(&self.key).is_some()
+                }
+                None => false,
+            }
+        };
+        if !last || !self.listener.alive.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let (listener, key) = (self.listener.clone(), std::mem::take(&mut self.key));
+        runtime.spawn(async move {
+            let _turn = listener.turn.lock().await;
+            if !listener.lock_waiters().contains_key(&key) {
+                let _ = listener.sink.clone().unsubscribe(&key).await;
+            }
+        });
     }
 }
