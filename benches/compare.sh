@@ -55,7 +55,11 @@ flush() { "$PY" -c "import redis; redis.Redis.from_url('$URL').flushdb()"; }
 run_celery() { # scenario
     flush
     echo "== celery: $1" >&2
-    "$PY" "$HERE/celery_bench.py" --scenario "$1" --broker "$URL" --tasks "$CELERY_TASKS" | tee -a "$JSONL"
+    # Celery failing a scenario (e.g. a result wait timing out on a loaded machine) leaves
+    # that figure out of the table; it does not stop the comparison. Celeriac's runs stay
+    # fatal: they check their own counts.
+    "$PY" "$HERE/celery_bench.py" --scenario "$1" --broker "$URL" --tasks "$CELERY_TASKS" | tee -a "$JSONL" \
+        || echo "compare.sh: celery $1 failed; its figure is left out of the table" >&2
 }
 
 run_celeriac() { # scenario [--tasks N] [extra args]
