@@ -214,14 +214,15 @@ async fn purge(app: &App) -> Result<(), Failure> {
 
 /// Enqueues `n` copies of `sig` in batches of 1000; returns tasks/s and the ids.
 async fn enqueue_batched(app: &App, sig: &Signature, n: u64) -> Result<(f64, Vec<String>), Failure> {
+    use futures::StreamExt;
     let started = Instant::now();
     let mut ids = Vec::with_capacity(n as usize);
-    let mut left = n;
-    while left > 0 {
-        let k = left.min(1000);
-        let batch: Vec<Signature> = (0..k).map(|_| sig.clone()).collect();
-        ids.extend(app.send_batch(batch).await?.into_iter().map(|r| r.id().to_owned()));
-        left -= k;
+    // Batches of 1,000, two in flight: the next is built while the last is on its way.
+    let sizes = (0..n.div_ceil(1000)).map(|i| (n - i * 1000).min(1000));
+    let mut sent =
+        futures::stream::iter(sizes).map(|k| app.send_batch((0..k).map(|_| sig.clone()).collect())).buffered(2);
+    while let Some(batch) = sent.next().await {
+        ids.extend(batch?.into_iter().map(|r| r.id().to_owned()));
     }
     Ok((n as f64 / started.elapsed().as_secs_f64(), ids))
 }
