@@ -5,9 +5,10 @@
 use super::{BackendError, ChordPart, ResultBackend, StoreOutcome};
 use crate::protocol::ResultMeta;
 use crate::protocol::State;
-use crate::sqlite_common::{now_millis, open, path_of};
+use crate::sqlite_common::{SHAPES, now_millis, open_shared, path_of, shaped_chunks};
 use async_trait::async_trait;
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Connection, Row, SqlitePool};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -50,7 +51,11 @@ CREATE TABLE IF NOT EXISTS celeriac_records (
 /// The SQLite backend.
 #[derive(Debug)]
 pub struct SqliteBackend {
-    pool: SqlitePool,
+    /// The file's connections (shared with a broker on the same file): writes go through
+    /// its one write connection.
+    db: std::sync::Arc<crate::sqlite_common::Db>,
+    /// Connections for reads only.
+    read: SqlitePool,
     url: String,
     written: Notify,
     /// Result writes go out in batches: one transaction (one commit) for all those waiting.
@@ -64,39 +69,63 @@ type ResultRow = (String, String, Vec<u8>, Option<i64>);
 /// connection thread). The upsert refuses to replace a SUCCESS row, so a late duplicate cannot
 /// undo a result; a chunk never holds one task twice, so the rows it returns (those written)
 /// tell each write's outcome, and a later write of a task comes after its earlier one.
-async fn store_many(pool: &SqlitePool, rows: &[ResultRow]) -> Result<Vec<StoreOutcome>, sqlx::Error> {
+async fn store_many(pool: &mut SqliteConnection, rows: &[ResultRow]) -> Result<Vec<StoreOutcome>, sqlx::Error> {
     let now = now_millis();
+    let largest = SHAPES[SHAPES.len() - 1];
     let mut out = Vec::with_capacity(rows.len());
     let mut start = 0;
     while start < rows.len() {
         let mut ids = std::collections::HashSet::new();
         let end = rows[start..]
             .iter()
-            .take(200)
+            .take(largest)
             .position(|r| !ids.insert(r.0.as_str()))
-            .map_or((start + 200).min(rows.len()), |i| start + i);
+            .map_or((start + largest).min(rows.len()), |i| start + i);
         let chunk = &rows[start..end];
-        let values = vec!["(?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-        // Only placeholders are interpolated; the values are bound.
-        let sql = format!(
-            "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at) VALUES {values}
-             ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
-                 updated_at = excluded.updated_at, expires_at = excluded.expires_at
-             WHERE celeriac_results.status <> 'SUCCESS'
-             RETURNING task_id"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (task_id, status, meta, expires_at) in chunk {
-            q = q.bind(task_id).bind(status).bind(meta).bind(now).bind(*expires_at);
+        for (from, len, shape) in shaped_chunks(chunk.len()) {
+            let part = &chunk[from..from + len];
+            out.extend(store_chunk(&mut *pool, part, shape, now).await?);
         }
-        let written: std::collections::HashSet<String> =
-            q.fetch_all(pool).await?.iter().map(|r| r.get::<String, _>("task_id")).collect();
-        out.extend(
-            chunk.iter().map(|r| if written.contains(&r.0) { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess }),
-        );
         start = end;
     }
     Ok(out)
+}
+
+/// One upsert statement for `rows` (distinct tasks), padded to `shape` rows of NULLs, which
+/// the `WHERE` drops (so few statement texts serve every batch size).
+async fn store_chunk(
+    pool: &mut SqliteConnection,
+    rows: &[ResultRow],
+    shape: usize,
+    now: i64,
+) -> Result<Vec<StoreOutcome>, sqlx::Error> {
+    let values = vec!["(?, ?, ?, ?, ?)"; shape].join(", ");
+    // Only placeholders are interpolated; the values are bound. (An upsert from a SELECT
+    // needs the SELECT's WHERE, which SQLite's parser wants before ON CONFLICT anyway.)
+    let sql = format!(
+        "INSERT INTO celeriac_results (task_id, status, meta, updated_at, expires_at)
+         SELECT column1, column2, column3, column4, column5 FROM (VALUES {values}) WHERE column1 IS NOT NULL
+         ON CONFLICT (task_id) DO UPDATE SET status = excluded.status, meta = excluded.meta,
+             updated_at = excluded.updated_at, expires_at = excluded.expires_at
+         WHERE celeriac_results.status <> 'SUCCESS'
+         RETURNING task_id"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (task_id, status, meta, expires_at) in rows {
+        q = q.bind(task_id).bind(status).bind(meta).bind(now).bind(*expires_at);
+    }
+    for _ in rows.len()..shape {
+        q = q.bind(None::<&str>).bind(None::<&str>).bind(None::<&[u8]>).bind(None::<i64>).bind(None::<i64>);
+    }
+    let written = q.fetch_all(&mut *pool).await?;
+    if written.len() == rows.len() {
+        return Ok(vec![StoreOutcome::Stored; rows.len()]);
+    }
+    let written: std::collections::HashSet<String> = written.iter().map(|r| r.get::<String, _>(0)).collect();
+    Ok(rows
+        .iter()
+        .map(|r| if written.contains(&r.0) { StoreOutcome::Stored } else { StoreOutcome::KeptSuccess })
+        .collect())
 }
 
 fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
@@ -104,18 +133,19 @@ fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
 }
 
 /// Creates the tables (a no-op when they are there) and adds columns older files lack.
-async fn create_schema(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+async fn create_schema(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(SCHEMA).execute(&mut *pool).await?;
     // Files made before `add_to_chord` lack the column; it is added once. New files have it
     // from the start, so two processes opening a new file never race to add it.
     let has_added = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
-        .fetch_optional(pool)
+        .fetch_optional(&mut *pool)
         .await?
         .is_some();
     if !has_added {
         // Another process opening the same old file may add it first.
-        if let Err(e) =
-            sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0").execute(pool).await
+        if let Err(e) = sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
+            .execute(&mut *pool)
+            .await
             && !e.to_string().contains("duplicate column name")
         {
             return Err(e);
@@ -127,16 +157,19 @@ async fn create_schema(pool: &sqlx::SqlitePool) -> Result<(), sqlx::Error> {
 impl SqliteBackend {
     /// Opens (creating if needed) the database in `url`.
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
-        let pool = open(url).await.map_err(err("open"))?;
-        crate::sqlite_common::retry_locked(|| create_schema(&pool)).await.map_err(err("create schema"))?;
+        let db = open_shared(url).await.map_err(err("open"))?;
+        let read = db.read.clone();
+        crate::sqlite_common::retry_locked(|| async { create_schema(&mut *db.writer().await).await })
+            .await
+            .map_err(err("create schema"))?;
         let writer = {
-            let pool = pool.clone();
+            let db = db.clone();
             crate::batch::Coalescer::new(256, move |rows: Vec<ResultRow>| {
-                let pool = pool.clone();
-                Box::pin(async move { store_many(&pool, &rows).await.map_err(|e| e.to_string()) })
+                let db = db.clone();
+                Box::pin(async move { store_many(&mut *db.writer().await, &rows).await.map_err(|e| e.to_string()) })
             })
         };
-        Ok(SqliteBackend { pool, url: format!("sqlite://{}", path_of(url)), written: Notify::new(), writer })
+        Ok(SqliteBackend { db, read, url: format!("sqlite://{}", path_of(url)), written: Notify::new(), writer })
     }
 }
 
@@ -163,7 +196,7 @@ impl ResultBackend for SqliteBackend {
         )
         .bind(task_id)
         .bind(now_millis())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await
         .map_err(err("get"))?;
         row.map(|r| {
@@ -177,7 +210,7 @@ impl ResultBackend for SqliteBackend {
     async fn forget(&self, task_id: &str) -> Result<(), BackendError> {
         sqlx::query("DELETE FROM celeriac_results WHERE task_id = ?")
             .bind(task_id)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("forget"))?;
         Ok(())
@@ -187,7 +220,7 @@ impl ResultBackend for SqliteBackend {
         let now = now_millis();
         let done = sqlx::query("DELETE FROM celeriac_results WHERE expires_at IS NOT NULL AND expires_at <= ?")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("cleanup"))?;
         for sql in [
@@ -196,7 +229,7 @@ impl ResultBackend for SqliteBackend {
             "DELETE FROM celeriac_groups WHERE expires_at IS NOT NULL AND expires_at <= ?",
             "DELETE FROM celeriac_chords WHERE expires_at IS NOT NULL AND expires_at <= ?",
         ] {
-            sqlx::query(sql).bind(now).execute(&self.pool).await.map_err(err("cleanup"))?;
+            sqlx::query(sql).bind(now).execute(&mut *self.db.writer().await).await.map_err(err("cleanup"))?;
         }
         Ok(done.rows_affected())
     }
@@ -209,7 +242,7 @@ impl ResultBackend for SqliteBackend {
         .bind(group_id)
         .bind(size as i64)
         .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
-        .execute(&self.pool)
+        .execute(&mut *self.db.writer().await)
         .await
         .map_err(err("set chord size"))?;
         Ok(())
@@ -221,7 +254,7 @@ impl ResultBackend for SqliteBackend {
              ON CONFLICT (group_id) DO UPDATE SET added = added + 1",
         )
         .bind(group_id)
-        .execute(&self.pool)
+        .execute(&mut *self.db.writer().await)
         .await
         .map_err(err("add to chord"))?;
         Ok(())
@@ -230,7 +263,8 @@ impl ResultBackend for SqliteBackend {
     async fn chord_part_return(&self, group_id: &str, part: ChordPart) -> Result<Option<Vec<ChordPart>>, BackendError> {
         // The INSERT takes the write lock first, so concurrent members serialize here and
         // exactly one of them sees the count reach the size and flips `fired`.
-        let mut tx = self.pool.begin().await.map_err(err("chord part"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("chord part"))?;
         // A write first (so the transaction holds the write lock from the start), and nothing
         // recorded for a chord that already fired.
         sqlx::query(
@@ -282,7 +316,8 @@ impl ResultBackend for SqliteBackend {
     }
 
     async fn chord_finished(&self, group_id: &str, body_sent: bool) -> Result<(), BackendError> {
-        let mut tx = self.pool.begin().await.map_err(err("chord finished"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("chord finished"))?;
         if body_sent {
             sqlx::query("UPDATE celeriac_chords SET added = 0 WHERE group_id = ?")
                 .bind(group_id)
@@ -315,7 +350,7 @@ impl ResultBackend for SqliteBackend {
             .bind(group_id)
             .bind(serde_json::to_vec(result).unwrap_or_default())
             .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("save group"))?;
         Ok(())
@@ -327,7 +362,7 @@ impl ResultBackend for SqliteBackend {
         )
         .bind(group_id)
         .bind(now_millis())
-        .fetch_optional(&self.pool)
+        .fetch_optional(&self.read)
         .await
         .map_err(err("restore group"))?;
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).ok()))
@@ -338,7 +373,7 @@ impl ResultBackend for SqliteBackend {
             .bind(key)
             .bind(json)
             .bind(expires.map(|e| now_millis() + e.as_millis() as i64))
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("put record"))?;
         Ok(())
@@ -349,7 +384,7 @@ impl ResultBackend for SqliteBackend {
             sqlx::query("SELECT value FROM celeriac_records WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)")
                 .bind(key)
                 .bind(now_millis())
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await
                 .map_err(err("get record"))?;
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("value")).ok()))

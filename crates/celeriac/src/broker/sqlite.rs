@@ -6,15 +6,22 @@
 //! deletes it (only with the current token). A worker killed with `kill -9` stops renewing,
 //! so its messages become visible to other workers within one lease (`visibility_timeout`,
 //! default 10 s here). Dead letters live in a second table with the reason and the bytes.
+//!
+//! The `ready` flag keeps the claim's index small: only rows with `ready = 1` are in the
+//! `(queue, priority, id)` index a claim walks, so leased messages and messages with a future
+//! ETA (`ready = 0`, indexed by `visible_at`) are never scanned. Every claim first promotes
+//! the rows whose `visible_at` has passed (ETAs come due, leases of dead workers run out) to
+//! `ready = 1`: one seek in the `visible_at` index when nothing is due.
 
 use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
 use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids, visible_at};
 use crate::config::Config;
 use crate::protocol::Message;
-use crate::sqlite_common::{millis, now_millis, open, path_of};
+use crate::sqlite_common::{millis, now_millis, open_shared, path_of, shaped_chunks};
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Connection, Row, SqlitePool};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -27,10 +34,9 @@ CREATE TABLE IF NOT EXISTS celeriac_messages (
     visible_at INTEGER NOT NULL,
     lease_token TEXT,
     delivery_count INTEGER NOT NULL DEFAULT 0,
-    created_at INTEGER NOT NULL
+    created_at INTEGER NOT NULL,
+    ready INTEGER NOT NULL DEFAULT 1
 );
-CREATE INDEX IF NOT EXISTS celeriac_messages_ready ON celeriac_messages (queue, priority, id);
-CREATE INDEX IF NOT EXISTS celeriac_messages_visible ON celeriac_messages (visible_at);
 CREATE TABLE IF NOT EXISTS celeriac_dead_letters (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     queue TEXT NOT NULL,
@@ -63,48 +69,96 @@ CREATE TABLE IF NOT EXISTS celeriac_rate_waiters (
 );
 ";
 
+/// The claim's indexes, made once the `ready` column exists. The indexes of files made before
+/// `ready` (every row in both) go: the claim no longer reads them, and each costs writes.
+const INDEXES: &str = "
+CREATE INDEX IF NOT EXISTS celeriac_messages_take ON celeriac_messages (queue, priority, id) WHERE ready = 1;
+CREATE INDEX IF NOT EXISTS celeriac_messages_due ON celeriac_messages (visible_at) WHERE ready = 0;
+DROP INDEX IF EXISTS celeriac_messages_ready;
+DROP INDEX IF EXISTS celeriac_messages_visible;
+";
+
 /// Columns added to `celeriac_dead_letters` after its first release (added to older files
 /// when they are opened).
 const DEAD_LETTER_COLUMNS: &[&str] = &["error_type TEXT", "traceback TEXT", "retries INTEGER", "replayed_as TEXT"];
 
 /// Creates the tables (a no-op when they are there) and adds the columns older files lack.
-async fn create_schema(pool: &SqlitePool) -> Result<(), sqlx::Error> {
-    sqlx::raw_sql(SCHEMA).execute(pool).await?;
+async fn create_schema(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(SCHEMA).execute(&mut *pool).await?;
     for column in DEAD_LETTER_COLUMNS {
         let name = column.split_whitespace().next().unwrap_or_default();
         let present = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_dead_letters') WHERE name = ?")
             .bind(name)
-            .fetch_optional(pool)
+            .fetch_optional(&mut *pool)
             .await?
             .is_some();
         if present {
             continue;
         }
         let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(pool).await
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *pool).await
             && !e.to_string().contains("duplicate column")
         {
             return Err(e);
         }
     }
+    add_ready_column(pool).await?;
+    sqlx::raw_sql(INDEXES).execute(&mut *pool).await?;
+    Ok(())
+}
+
+/// Files made before the `ready` flag get it: the column (1 for every row), then 0 for the
+/// rows not visible yet (leased, or an ETA ahead). Another process opening the same old file
+/// may add the column first; a row left at 1 with `visible_at` ahead is still only claimed
+/// once due (the claim checks `visible_at` too), it is merely in the claim's index early.
+async fn add_ready_column(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
+    let present = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_messages') WHERE name = 'ready'")
+        .fetch_optional(&mut *pool)
+        .await?
+        .is_some();
+    if present {
+        return Ok(());
+    }
+    match sqlx::raw_sql("ALTER TABLE celeriac_messages ADD COLUMN ready INTEGER NOT NULL DEFAULT 1")
+        .execute(&mut *pool)
+        .await
+    {
+        Err(e) if e.to_string().contains("duplicate column") => return Ok(()),
+        Err(e) => return Err(e),
+        Ok(_) => {}
+    }
+    sqlx::query("UPDATE celeriac_messages SET ready = 0 WHERE visible_at > ?")
+        .bind(now_millis())
+        .execute(&mut *pool)
+        .await?;
     Ok(())
 }
 
 /// Acks a batch with one statement per chunk (each statement is a round trip to sqlx's
 /// connection thread): each message is deleted only while its lease is still the one delivered
 /// (`true`); a lease lost to another delivery leaves it alone (`false`).
-async fn ack_many(pool: &SqlitePool, tags: &[(i64, String)]) -> Result<Vec<bool>, sqlx::Error> {
+async fn ack_many(pool: &mut SqliteConnection, tags: &[(i64, String)]) -> Result<Vec<bool>, sqlx::Error> {
     let mut deleted = std::collections::HashSet::new();
-    for chunk in tags.chunks(400) {
-        let pairs = vec!["(?, ?)"; chunk.len()].join(", ");
-        // Only placeholders are interpolated; ids and tokens are bound.
-        let sql = format!("DELETE FROM celeriac_messages WHERE (id, lease_token) IN (VALUES {pairs}) RETURNING id");
+    for (start, len, shape) in shaped_chunks(tags.len()) {
+        let pairs = vec!["(?, ?)"; shape].join(", ");
+        // Only placeholders are interpolated; ids and tokens are bound (the padding as NULL,
+        // which matches nothing). Each pair is looked up by id (a row-value IN over the
+        // VALUES list would scan the table).
+        let sql = format!(
+            "DELETE FROM celeriac_messages WHERE id IN (
+                 SELECT m.id FROM (VALUES {pairs}) AS v JOIN celeriac_messages AS m
+                 ON m.id = v.column1 AND m.lease_token = v.column2)
+             RETURNING id"
+        );
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for (id, token) in chunk {
+        for (id, token) in &tags[start..start + len] {
             q = q.bind(id).bind(token);
         }
-        for row in q.fetch_all(pool).await? {
-            deleted.insert(row.get::<i64, _>("id"));
+        for _ in len..shape {
+            q = q.bind(None::<i64>).bind(None::<&str>);
+        }
+        for row in q.fetch_all(&mut *pool).await? {
+            deleted.insert(row.get::<i64, _>(0));
         }
     }
     Ok(tags.iter().map(|(id, _)| deleted.contains(id)).collect())
@@ -113,7 +167,11 @@ async fn ack_many(pool: &SqlitePool, tags: &[(i64, String)]) -> Result<Vec<bool>
 /// The SQLite broker.
 #[derive(Debug)]
 pub struct SqliteBroker {
-    pool: SqlitePool,
+    /// The file's connections (shared with a backend on the same file): writes go through
+    /// its one write connection.
+    db: std::sync::Arc<crate::sqlite_common::Db>,
+    /// Connections for reads only.
+    read: SqlitePool,
     url: String,
     lease: Duration,
     polling_interval: Duration,
@@ -135,20 +193,24 @@ impl SqliteBroker {
     /// Opens (creating if needed) the database in `url`. Transport options:
     /// `visibility_timeout` (lease seconds, default 10), `polling_interval` (seconds, 0.1).
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
-        let pool = open(url).await.map_err(|e| BrokerError::storage("open", e))?;
-        crate::sqlite_common::retry_locked(|| create_schema(&pool)).await.map_err(err("create schema"))?;
+        let db = open_shared(url).await.map_err(|e| BrokerError::storage("open", e))?;
+        let read = db.read.clone();
+        crate::sqlite_common::retry_locked(|| async { create_schema(&mut *db.writer().await).await })
+            .await
+            .map_err(err("create schema"))?;
         let secs = |name: &str, default: f64| {
             Duration::from_secs_f64(config.transport_seconds(name).unwrap_or(default).max(0.001))
         };
         let acker = {
-            let pool = pool.clone();
+            let db = db.clone();
             crate::batch::Coalescer::new(512, move |tags: Vec<(i64, String)>| {
-                let pool = pool.clone();
-                Box::pin(async move { ack_many(&pool, &tags).await.map_err(|e| e.to_string()) })
+                let db = db.clone();
+                Box::pin(async move { ack_many(&mut *db.writer().await, &tags).await.map_err(|e| e.to_string()) })
             })
         };
         Ok(SqliteBroker {
-            pool,
+            db,
+            read,
             url: format!("sqlite://{}", path_of(url)),
             lease: secs("visibility_timeout", 10.0),
             polling_interval: secs("polling_interval", 0.1),
@@ -164,9 +226,19 @@ impl SqliteBroker {
         let now = now_millis();
         let token = uuid::Uuid::new_v4().to_string();
         let placeholders = vec!["?"; queues.len()].join(", ");
+        // First the promotion of what came due (ETAs reached, leases run out; with nothing
+        // due it is one seek in the `visible_at` index), then the claim, which walks only rows
+        // with `ready = 1`. Two statements, each its own transaction, on the write connection
+        // held for both.
+        let mut w = self.db.writer().await;
+        sqlx::query("UPDATE celeriac_messages SET ready = 1 WHERE ready = 0 AND visible_at <= ?")
+            .bind(now)
+            .execute(&mut *w)
+            .await
+            .map_err(err("fetch"))?;
         let sql = format!(
-            "UPDATE celeriac_messages SET visible_at = ?, lease_token = ?, delivery_count = delivery_count + 1
-             WHERE id IN (SELECT id FROM celeriac_messages WHERE queue IN ({placeholders}) AND visible_at <= ?
+            "UPDATE celeriac_messages SET visible_at = ?, lease_token = ?, delivery_count = delivery_count + 1, ready = 0
+             WHERE id IN (SELECT id FROM celeriac_messages WHERE ready = 1 AND queue IN ({placeholders}) AND visible_at <= ?
                           ORDER BY priority, id LIMIT ?)
              RETURNING id, queue, payload, delivery_count"
         );
@@ -175,7 +247,8 @@ impl SqliteBroker {
         for queue in queues {
             q = q.bind(queue);
         }
-        let rows = q.bind(now).bind(max as i64).fetch_all(&self.pool).await.map_err(err("fetch"))?;
+        let rows = q.bind(now).bind(max as i64).fetch_all(&mut *w).await.map_err(err("fetch"))?;
+        drop(w);
         let mut out: Vec<(i64, Delivery)> = rows
             .into_iter()
             .map(|r| {
@@ -229,17 +302,60 @@ impl Broker for SqliteBroker {
         priority: u8,
         visible_at: DateTime<Utc>,
     ) -> Result<(), BrokerError> {
+        let (visible_at, now) = (millis(visible_at), now_millis());
         sqlx::query(
-            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at, ready) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(queue)
         .bind(i64::from(priority))
         .bind(payload)
-        .bind(millis(visible_at))
-        .bind(now_millis())
-        .execute(&self.pool)
+        .bind(visible_at)
+        .bind(now)
+        .bind(visible_at <= now)
+        .execute(&mut *self.db.writer().await)
         .await
         .map_err(err("publish"))?;
+        self.published.notify_waiters();
+        Ok(())
+    }
+
+    async fn publish_many(&self, messages: &[(&str, &Message)]) -> Result<(), BrokerError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let now = now_millis();
+        let rows: Vec<(&str, i64, Vec<u8>, i64)> = messages
+            .iter()
+            .map(|(queue, m)| (*queue, i64::from(m.properties.priority), m.to_wire(), millis(visible_at(m))))
+            .collect();
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("publish batch"))?;
+        for (start, len, shape) in shaped_chunks(rows.len()) {
+            let values = vec!["(?, ?, ?, ?, ?, ?)"; shape].join(", ");
+            // Only placeholders are interpolated; the padding rows are NULL and dropped by the
+            // WHERE. Rows go in in the order given (ids follow it).
+            let sql = format!(
+                "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at, ready)
+                 SELECT column1, column2, column3, column4, column5, column6 FROM (VALUES {values})
+                 WHERE column1 IS NOT NULL"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (queue, priority, payload, at) in &rows[start..start + len] {
+                q = q.bind(*queue).bind(*priority).bind(payload.as_slice()).bind(*at).bind(now).bind(*at <= now);
+            }
+            for _ in len..shape {
+                q = q
+                    .bind(None::<&str>)
+                    .bind(None::<i64>)
+                    .bind(None::<&[u8]>)
+                    .bind(None::<i64>)
+                    .bind(None::<i64>)
+                    .bind(None::<bool>);
+            }
+            q.execute(&mut *tx).await.map_err(err("publish batch"))?;
+        }
+        tx.commit().await.map_err(err("publish batch"))?;
+        drop(w);
         self.published.notify_waiters();
         Ok(())
     }
@@ -267,23 +383,29 @@ impl Broker for SqliteBroker {
 
     async fn requeue(&self, delivery: &Delivery, at: Option<DateTime<Utc>>) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
-        sqlx::query("UPDATE celeriac_messages SET visible_at = ?, lease_token = NULL WHERE id = ? AND lease_token = ?")
-            .bind(millis(at.unwrap_or_else(Utc::now)))
-            .bind(id)
-            .bind(token)
-            .execute(&self.pool)
-            .await
-            .map_err(err("requeue"))?;
+        let (at, now) = (at.map(millis), now_millis());
+        let at = at.unwrap_or(now);
+        sqlx::query(
+            "UPDATE celeriac_messages SET visible_at = ?, lease_token = NULL, ready = ? WHERE id = ? AND lease_token = ?",
+        )
+        .bind(at)
+        .bind(at <= now)
+        .bind(id)
+        .bind(token)
+        .execute(&mut *self.db.writer().await)
+        .await
+        .map_err(err("requeue"))?;
         self.published.notify_waiters();
         Ok(())
     }
 
     async fn renew(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
         let until = now_millis() + self.lease.as_millis() as i64;
-        let mut tx = self.pool.begin().await.map_err(err("renew"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("renew"))?;
         for d in deliveries {
             let (id, token) = split_tag(&d.tag);
-            sqlx::query("UPDATE celeriac_messages SET visible_at = ? WHERE id = ? AND lease_token = ?")
+            sqlx::query("UPDATE celeriac_messages SET visible_at = ?, ready = 0 WHERE id = ? AND lease_token = ?")
                 .bind(until)
                 .bind(id)
                 .bind(token)
@@ -296,15 +418,18 @@ impl Broker for SqliteBroker {
 
     async fn republish(&self, delivery: &Delivery, queue: &str, message: &Message) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
-        let mut tx = self.pool.begin().await.map_err(err("republish"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("republish"))?;
+        let (at, now) = (millis(visible_at(message)), now_millis());
         sqlx::query(
-            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO celeriac_messages (queue, priority, payload, visible_at, created_at, ready) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(queue)
         .bind(i64::from(message.properties.priority))
         .bind(message.to_wire())
-        .bind(millis(visible_at(message)))
-        .bind(now_millis())
+        .bind(at)
+        .bind(now)
+        .bind(at <= now)
         .execute(&mut *tx)
         .await
         .map_err(err("republish"))?;
@@ -326,7 +451,8 @@ impl Broker for SqliteBroker {
     async fn dead_letter_with(&self, delivery: &Delivery, info: &DeadLetterInfo) -> Result<(), BrokerError> {
         let (id, token) = split_tag(&delivery.tag);
         let (task_id, task_name) = peek_ids(&delivery.payload);
-        let mut tx = self.pool.begin().await.map_err(err("dead-letter"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("dead-letter"))?;
         sqlx::query(
             "INSERT INTO celeriac_dead_letters (queue, task_id, task_name, reason, error_type, traceback, retries, payload, created_at)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -357,7 +483,7 @@ impl Broker for SqliteBroker {
         let done = sqlx::query("UPDATE celeriac_dead_letters SET replayed_as = ? WHERE id = ?")
             .bind(task_id)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("mark dead letter replayed"))?;
         Ok(done.rows_affected() == 1)
@@ -369,7 +495,8 @@ impl Broker for SqliteBroker {
         terminate: bool,
         expires_at: DateTime<Utc>,
     ) -> Result<bool, BrokerError> {
-        let mut tx = self.pool.begin().await.map_err(err("revoke"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("revoke"))?;
         for id in ids {
             // REPLACE gives the row a new `seq`, so `revoked_version` moves.
             sqlx::query("INSERT OR REPLACE INTO celeriac_revoked (task_id, terminate, expires_at) VALUES (?, ?, ?)")
@@ -388,7 +515,7 @@ impl Broker for SqliteBroker {
         // Every revoke writes a row with a new `seq` (AUTOINCREMENT never hands one out twice);
         // pruning can lower the maximum, which reads as a change too.
         let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM celeriac_revoked")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.read)
             .await
             .map_err(err("read revoked"))?;
         Ok(max.unwrap_or(0) as u64)
@@ -398,11 +525,11 @@ impl Broker for SqliteBroker {
         let now = now_millis();
         sqlx::query("DELETE FROM celeriac_revoked WHERE expires_at <= ?")
             .bind(now)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("prune revoked"))?;
         let rows = sqlx::query("SELECT task_id, terminate, expires_at FROM celeriac_revoked ORDER BY seq")
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await
             .map_err(err("read revoked"))?;
         Ok(rows
@@ -423,7 +550,8 @@ impl Broker for SqliteBroker {
         burst: u32,
     ) -> Result<Duration, BrokerError> {
         let interval = interval.as_secs_f64() * 1000.0;
-        let mut tx = self.pool.begin().await.map_err(err("rate limit"))?;
+        let mut w = self.db.writer().await;
+        let mut tx = w.begin().await.map_err(err("rate limit"))?;
         // A write first, so the transaction holds the write lock before it reads; the clock is
         // read only then (a `now` from before a wait for the lock would let starts bunch).
         sqlx::query(
@@ -500,7 +628,7 @@ impl Broker for SqliteBroker {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
         let rows = sqlx::query("SELECT * FROM celeriac_dead_letters ORDER BY id DESC LIMIT ?")
             .bind(limit as i64)
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await
             .map_err(err("list dead letters"))?;
         Ok(rows.iter().map(Self::dead_letter_from_row).collect())
@@ -510,7 +638,7 @@ impl Broker for SqliteBroker {
         let Ok(id) = id.parse::<i64>() else { return Ok(None) };
         let row = sqlx::query("SELECT * FROM celeriac_dead_letters WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await
             .map_err(err("read dead letter"))?;
         Ok(row.as_ref().map(Self::dead_letter_from_row))
@@ -520,7 +648,7 @@ impl Broker for SqliteBroker {
         let Ok(id) = id.parse::<i64>() else { return Ok(false) };
         let done = sqlx::query("DELETE FROM celeriac_dead_letters WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("remove dead letter"))?;
         Ok(done.rows_affected() == 1)
@@ -528,7 +656,7 @@ impl Broker for SqliteBroker {
 
     async fn purge_dead_letters(&self) -> Result<u64, BrokerError> {
         let done = sqlx::query("DELETE FROM celeriac_dead_letters")
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("purge dead letters"))?;
         Ok(done.rows_affected())
@@ -537,7 +665,7 @@ impl Broker for SqliteBroker {
     async fn purge(&self, queue: &str) -> Result<u64, BrokerError> {
         let done = sqlx::query("DELETE FROM celeriac_messages WHERE queue = ? AND lease_token IS NULL")
             .bind(queue)
-            .execute(&self.pool)
+            .execute(&mut *self.db.writer().await)
             .await
             .map_err(err("purge"))?;
         Ok(done.rows_affected())
@@ -552,7 +680,7 @@ impl Broker for SqliteBroker {
              FROM celeriac_messages GROUP BY queue ORDER BY queue",
         )
         .bind(now_millis())
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await
         .map_err(err("stats"))?;
         Ok(rows
@@ -564,5 +692,234 @@ impl Broker for SqliteBroker {
                 leased: r.get::<i64, _>("leased") as u64,
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const Q: &str = "celery";
+
+    async fn broker(dir: &tempfile::TempDir, lease_secs: f64) -> SqliteBroker {
+        let mut config = Config::default();
+        config.broker_transport_options.insert("visibility_timeout".into(), toml::Value::Float(lease_secs));
+        let url = format!("sqlite://{}", dir.path().join("broker.db").display());
+        SqliteBroker::connect(&url, &config).await.unwrap()
+    }
+
+    fn in_ms(ms: i64) -> DateTime<Utc> {
+        Utc::now() + chrono::Duration::milliseconds(ms)
+    }
+
+    async fn take(b: &SqliteBroker, max: usize) -> Vec<Delivery> {
+        b.fetch(&[Q.to_owned()], max, Duration::ZERO).await.unwrap()
+    }
+
+    /// Polls until a claim returns something (or 5 s pass).
+    async fn take_when_due(b: &SqliteBroker, max: usize) -> Vec<Delivery> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let got = take(b, max).await;
+            if !got.is_empty() || tokio::time::Instant::now() >= deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn ready_flags(b: &SqliteBroker) -> Vec<(Vec<u8>, bool)> {
+        sqlx::query_as("SELECT payload, ready FROM celeriac_messages ORDER BY id").fetch_all(&b.read).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_claim_behind_many_scheduled_and_leased_rows_returns_the_ready_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(&dir, 60.0).await;
+        // Far-future ETAs, then leased rows, all with lower ids (and a better priority) than
+        // the ready ones.
+        let later = in_ms(3_600_000);
+        let scheduled: Vec<Vec<u8>> = (0..3000).map(|i| format!("later-{i}").into_bytes()).collect();
+        let batch: Vec<(&str, &[u8], u8, DateTime<Utc>)> =
+            scheduled.iter().map(|p| (Q, p.as_slice(), 0, later)).collect();
+        for (queue, payload, priority, at) in batch {
+            b.publish_raw(queue, payload, priority, at).await.unwrap();
+        }
+        for i in 0..100 {
+            b.publish_raw(Q, format!("held-{i}").as_bytes(), 0, Utc::now()).await.unwrap();
+        }
+        let held = take(&b, 100).await;
+        assert_eq!(held.len(), 100);
+        for i in 0..10 {
+            b.publish_raw(Q, format!("now-{i}").as_bytes(), 5, Utc::now()).await.unwrap();
+        }
+        let got = take(&b, 64).await;
+        let payloads: Vec<String> = got.iter().map(|d| String::from_utf8(d.payload.clone()).unwrap()).collect();
+        assert_eq!(payloads, (0..10).map(|i| format!("now-{i}")).collect::<Vec<_>>());
+        assert!(take(&b, 64).await.is_empty(), "nothing else is due");
+        let stats = b.stats().await.unwrap();
+        assert_eq!((stats[0].ready, stats[0].scheduled, stats[0].leased), (0, 3000, 110));
+        // Only the rows a claim may take are flagged ready.
+        assert!(ready_flags(&b).await.iter().all(|(_, ready)| !ready));
+    }
+
+    #[tokio::test]
+    async fn an_eta_row_is_claimed_once_due_in_priority_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(&dir, 60.0).await;
+        b.publish_raw(Q, b"soon-low", 9, in_ms(300)).await.unwrap();
+        b.publish_raw(Q, b"soon-high", 1, in_ms(300)).await.unwrap();
+        b.publish_raw(Q, b"later", 0, in_ms(3_600_000)).await.unwrap();
+        assert!(take(&b, 10).await.is_empty(), "not due yet");
+        assert_eq!(b.stats().await.unwrap()[0].scheduled, 3);
+        // One at a time: the better priority first.
+        let got = take_when_due(&b, 1).await;
+        assert_eq!(got.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>(), [b"soon-high".as_slice()]);
+        let got = take(&b, 10).await;
+        assert_eq!(got.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>(), [b"soon-low".as_slice()]);
+        assert!(take(&b, 10).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_comes_back_and_the_old_token_no_longer_acks() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(&dir, 0.3).await;
+        b.publish_raw(Q, b"job", 0, Utc::now()).await.unwrap();
+        let first = take(&b, 10).await;
+        assert_eq!(first.len(), 1);
+        assert!(take(&b, 10).await.is_empty(), "leased");
+        assert_eq!(b.stats().await.unwrap()[0].leased, 1);
+        // The holder stops renewing (killed): the message is claimed again once the lease ends.
+        let second = take_when_due(&b, 10).await;
+        assert_eq!(second.len(), 1);
+        assert_eq!(second[0].delivery_count, 2);
+        assert!(!b.ack(&first[0]).await.unwrap(), "a stale token does not ack");
+        assert!(b.ack(&second[0]).await.unwrap());
+        assert!(b.stats().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn renew_keeps_a_lease_and_requeue_follows_its_due_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(&dir, 0.4).await;
+        b.publish_raw(Q, b"a", 0, Utc::now()).await.unwrap();
+        b.publish_raw(Q, b"b", 0, Utc::now()).await.unwrap();
+        let got = take(&b, 10).await;
+        assert_eq!(got.len(), 2);
+        for _ in 0..4 {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            b.renew(&got).await.unwrap();
+            assert!(take(&b, 10).await.is_empty(), "renewed leases stay held");
+        }
+        b.requeue(&got[0], None).await.unwrap();
+        b.requeue(&got[1], Some(in_ms(300))).await.unwrap();
+        let again = take(&b, 10).await;
+        assert_eq!(again.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>(), [b"a".as_slice()]);
+        let later = take_when_due(&b, 10).await;
+        assert_eq!(later.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>(), [b"b".as_slice()]);
+        assert_eq!(b.purge(Q).await.unwrap(), 0, "purge leaves leased messages");
+    }
+
+    /// The schema before the `ready` flag, as older versions made it.
+    const OLD_SCHEMA: &str = "
+        CREATE TABLE celeriac_messages (
+            id INTEGER PRIMARY KEY AUTOINCREMENT, queue TEXT NOT NULL, priority INTEGER NOT NULL DEFAULT 0,
+            payload BLOB NOT NULL, visible_at INTEGER NOT NULL, lease_token TEXT,
+            delivery_count INTEGER NOT NULL DEFAULT 0, created_at INTEGER NOT NULL);
+        CREATE INDEX celeriac_messages_ready ON celeriac_messages (queue, priority, id);
+        CREATE INDEX celeriac_messages_visible ON celeriac_messages (visible_at);";
+
+    #[tokio::test]
+    async fn a_file_from_before_the_ready_flag_keeps_working_when_opened_twice_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.db");
+        {
+            let old = crate::sqlite_common::open(&format!("sqlite://{}", path.display())).await.unwrap();
+            sqlx::raw_sql(OLD_SCHEMA).execute(&old).await.unwrap();
+            let now = now_millis();
+            for (payload, visible_at, token) in [
+                ("ready", now - 1000, None),
+                ("scheduled", now + 3_600_000, None),
+                ("leased", now + 3_600_000, Some("t")),
+                ("lease-expired", now - 500, Some("t")),
+            ] {
+                sqlx::query(
+                    "INSERT INTO celeriac_messages (queue, payload, visible_at, lease_token, created_at) VALUES (?, ?, ?, ?, ?)",
+                )
+                .bind(Q)
+                .bind(payload.as_bytes())
+                .bind(visible_at)
+                .bind(token)
+                .bind(now)
+                .execute(&old)
+                .await
+                .unwrap();
+            }
+            old.close().await;
+        }
+        // Two processes' brokers opening the old file together (separate connections: not the
+        // ones shared within a process).
+        let url = format!("sqlite://{}", path.display());
+        let config = Config::default();
+        let other = tokio::spawn({
+            let url = url.clone();
+            async move {
+                let pool = crate::sqlite_common::open(&url).await.unwrap();
+                crate::sqlite_common::retry_locked(|| async { create_schema(&mut *pool.acquire().await?).await })
+                    .await
+                    .unwrap();
+            }
+        });
+        let b = SqliteBroker::connect(&url, &config).await.unwrap();
+        other.await.unwrap();
+        let flags = ready_flags(&b).await;
+        let flags: Vec<(&[u8], bool)> = flags.iter().map(|(p, r)| (p.as_slice(), *r)).collect();
+        assert_eq!(
+            flags,
+            [(b"ready".as_slice(), true), (b"scheduled", false), (b"leased", false), (b"lease-expired", true)]
+        );
+        let stats = b.stats().await.unwrap();
+        assert_eq!((stats[0].ready, stats[0].scheduled, stats[0].leased), (2, 1, 1));
+        let got = take(&b, 10).await;
+        assert_eq!(
+            got.iter().map(|d| d.payload.as_slice()).collect::<Vec<_>>(),
+            [b"ready".as_slice(), b"lease-expired"]
+        );
+        let indexes: Vec<(String,)> = sqlx::query_as(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'celeriac_messages' ORDER BY name",
+        )
+        .fetch_all(&b.read)
+        .await
+        .unwrap();
+        let names: Vec<&str> = indexes.iter().map(|(n,)| n.as_str()).collect();
+        assert_eq!(names, ["celeriac_messages_due", "celeriac_messages_take"]);
+    }
+
+    #[tokio::test]
+    async fn acks_and_batches_of_every_size_use_the_few_statement_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = broker(&dir, 60.0).await;
+        for n in [1usize, 2, 9, 64, 65, 300] {
+            for i in 0..n {
+                b.publish_raw(Q, format!("{i}").as_bytes(), 0, Utc::now()).await.unwrap();
+            }
+            let got = take(&b, n).await;
+            assert_eq!(got.len(), n);
+            let tags: Vec<(i64, String)> = got
+                .iter()
+                .map(|d| {
+                    let (id, token) = split_tag(&d.tag);
+                    (id, token.to_owned())
+                })
+                .chain([(-1, "missing".to_owned())])
+                .collect();
+            let acked = ack_many(&mut *b.db.writer().await, &tags).await.unwrap();
+            assert_eq!(acked.iter().filter(|a| **a).count(), n, "batch of {n}");
+            assert!(!acked[n], "an unknown tag acks nothing");
+            assert!(b.stats().await.unwrap().is_empty());
+        }
+        assert_eq!(shaped_chunks(300).collect::<Vec<_>>(), [(0, 256, 256), (256, 44, 64)]);
+        assert_eq!(shaped_chunks(1).collect::<Vec<_>>(), [(0, 1, 1)]);
     }
 }
