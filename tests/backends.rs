@@ -181,6 +181,33 @@ async fn redis_backend_contract() {
     })
     .await;
     assert!(left, "every waiter's subscription is gone once it is done");
+
+    // Members counted in one batch keep their errors to themselves: a chord whose counting key
+    // has the wrong type fails its member, the other chord in the batch still completes.
+    let mut conn = conn;
+    redis::cmd("SET")
+        .arg("celery-taskset-meta-g-bad.j")
+        .arg("not a sorted set")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    backend.set_chord_size("g-bad", 1, None).await.unwrap();
+    backend.set_chord_size("g-ok", 2, None).await.unwrap();
+    let part = |gid: &str, i: u64| ChordPart {
+        index: Some(i),
+        task_id: format!("{gid}-{i}"),
+        state: State::Success,
+        result: json!(i),
+    };
+    let (ok0, bad, ok1) = tokio::join!(
+        backend.chord_part_return("g-ok", part("g-ok", 0)),
+        backend.chord_part_return("g-bad", part("g-bad", 0)),
+        backend.chord_part_return("g-ok", part("g-ok", 1)),
+    );
+    let bad = bad.expect_err("the member of the broken chord gets its error");
+    assert!(bad.to_string().contains("WRONGTYPE"), "{bad}");
+    assert!(ok0.unwrap().is_none());
+    assert_eq!(ok1.unwrap().map(|p| p.len()), Some(2), "the other chord in the batch completes");
 }
 
 #[tokio::test]

@@ -29,16 +29,17 @@ use tokio::sync::mpsc;
 /// Members are counted in batches: KEYS holds five keys per member (`.j .t .s .d .c`), ARGV
 /// four values per member (task id, `[1, id, state, result]`, index, ttl) and last the claim
 /// token; members are taken in order, each exactly as one call of its own would be (the keys
-/// of a chord get their expiry once per batch). Returns, per member, nothing or (for the one
-/// that completed its chord) every member.
+/// of a chord get their expiry once per batch). Returns, per member, nothing, (for the one
+/// that completed its chord) every member, or the text of the error its counting raised (one
+/// member's error, say a key of the wrong type, stays its own: the others are still counted
+/// and answered).
 const CHORD_PART: &str = r#"
 local out = {}
 local token = ARGV[#ARGV]
 local expired = {}
-for i = 0, #KEYS / 5 - 1 do
+local function count(i)
   local jkey, tkey, skey, dkey, ckey = KEYS[5 * i + 1], KEYS[5 * i + 2], KEYS[5 * i + 3], KEYS[5 * i + 4], KEYS[5 * i + 5]
   local task_id, entry, score, ttl = ARGV[4 * i + 1], ARGV[4 * i + 2], ARGV[4 * i + 3], tonumber(ARGV[4 * i + 4])
-  out[i + 1] = false
   local done = redis.call('GET', ckey) == 'done'
   local member = task_id .. ':' .. score
   if redis.call('SISMEMBER', dkey, member) == 0 then
@@ -49,14 +50,22 @@ for i = 0, #KEYS / 5 - 1 do
     expired[jkey] = true
     for _, key in ipairs({jkey, tkey, skey, dkey}) do redis.call('EXPIRE', key, ttl) end
   end
-  if not done then
-    local size = redis.call('GET', skey)
-    if size then
-      local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
-      if redis.call('ZCARD', jkey) == total and redis.call('SET', ckey, token, 'NX', 'EX', 30) then
-        out[i + 1] = redis.call('ZRANGE', jkey, 0, -1)
-      end
-    end
+  if done then return false end
+  local size = redis.call('GET', skey)
+  if not size then return false end
+  local total = tonumber(size) + tonumber(redis.call('GET', tkey) or '0')
+  if redis.call('ZCARD', jkey) == total and redis.call('SET', ckey, token, 'NX', 'EX', 30) then
+    return redis.call('ZRANGE', jkey, 0, -1)
+  end
+  return false
+end
+for i = 0, #KEYS / 5 - 1 do
+  local ok, got = pcall(count, i)
+  if ok then
+    out[i + 1] = got
+  else
+    if type(got) == 'table' then got = got.err end
+    out[i + 1] = 'error: ' .. tostring(got)
   end
 end
 return out
@@ -116,6 +125,20 @@ struct CountedPart {
 /// What the member that completed its chord gets: the claim token and every member's entry.
 type Completed = (Arc<str>, Vec<Vec<u8>>);
 
+/// One member's answer from [`CHORD_PART`]: nothing, every member, or its error's text.
+fn counted(answer: redis::Value, token: &Arc<str>) -> Result<Option<Completed>, String> {
+    match answer {
+        redis::Value::Nil | redis::Value::Boolean(false) => Ok(None),
+        redis::Value::Array(_) => redis::from_redis_value::<Vec<Vec<u8>>>(answer)
+            .map(|parts| Some((token.clone(), parts)))
+            .map_err(|e| e.to_string()),
+        other => Err(match redis::from_redis_value::<String>(other) {
+            Ok(text) => text,
+            Err(e) => e.to_string(),
+        }),
+    }
+}
+
 /// The Redis result backend.
 pub struct RedisBackend {
     client: redis::Client,
@@ -124,7 +147,7 @@ pub struct RedisBackend {
     prefix: String,
     chord_done: redis::Script,
     /// Chord members are counted in batches ([`CHORD_PART`]).
-    chord_parts: crate::batch::Coalescer<CountedPart, Option<Completed>>,
+    chord_parts: crate::batch::Coalescer<CountedPart, Result<Option<Completed>, String>>,
     /// Result writes go out in batches (`STORE_MANY`).
     writer: crate::batch::Coalescer<(String, Vec<u8>, u64), i64>,
     /// Seconds chord counting keys live (`result_expires`; 0: no expiry).
@@ -190,9 +213,8 @@ impl RedisBackend {
                         inv.arg(&part.task_id).arg(part.entry.as_slice()).arg(&part.score).arg(part.ttl);
                     }
                     inv.arg(&*token);
-                    let done: Vec<Option<Vec<Vec<u8>>>> =
-                        inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
-                    Ok(done.into_iter().map(|parts| parts.map(|p| (token.clone(), p))).collect())
+                    let done: Vec<redis::Value> = inv.invoke_async(&mut conn).await.map_err(|e| e.to_string())?;
+                    Ok(done.into_iter().map(|answer| counted(answer, &token)).collect())
                 })
             })
         };
@@ -316,9 +338,11 @@ impl ResultBackend for RedisBackend {
             entry,
             ttl: self.chord_ttl,
         };
-        let parts = self.chord_parts.call(counted).await.map_err(|e| BackendError::Storage {
-            operation: "chord part",
-            source: Box::<dyn std::error::Error + Send + Sync>::from(e.to_string()),
+        let parts = self.chord_parts.call(counted).await.map_err(|e| e.to_string()).and_then(|r| r).map_err(|e| {
+            BackendError::Storage {
+                operation: "chord part",
+                source: Box::<dyn std::error::Error + Send + Sync>::from(e),
+            }
         })?;
         let parts = parts.map(|(token, list)| {
             self.claims().insert(group_id.to_owned(), token.to_string());
@@ -415,17 +439,31 @@ impl ResultBackend for RedisBackend {
         // Subscribe first, then read: a result stored in between is seen by the GET.
         let key = self.task_key(task_id);
         let deadline = tokio::time::Instant::now() + timeout;
-        let listener = match self.listener().await {
-            Ok(l) => l,
-            // Redis is restarting: read until it answers (or the time is up).
-            Err(e) if transient(&e) => return self.poll_until(task_id, deadline).await,
-            Err(e) => return Err(err("subscribe")(e)),
-        };
-        let mut waiter = match listener.wait_for(&key).await {
-            Ok(w) => w,
-            Err(e) if transient(&e) => return self.poll_until(task_id, deadline).await,
-            Err(e) => return Err(err("subscribe")(e)),
-        };
+        // The shared connection, and a second, new one if it turned out dead; a wait for
+        // either ends with the deadline (a connection stuck without an answer must not hold
+        // every waiter past its timeout). With none, the stored value is read until then.
+        let mut waiter = None;
+        for _ in 0..2 {
+            let listener = match tokio::time::timeout_at(deadline, self.listener()).await {
+                Ok(Ok(l)) => l,
+                Ok(Err(e)) if transient(&e) => break,
+                Ok(Err(e)) => return Err(err("subscribe")(e)),
+                Err(_) => break,
+            };
+            match tokio::time::timeout_at(deadline, listener.wait_for(&key)).await {
+                Ok(Ok(w)) => {
+                    waiter = Some(w);
+                    break;
+                }
+                Ok(Err(e)) if transient(&e) => listener.alive.store(false, Ordering::Release),
+                Ok(Err(e)) => return Err(err("subscribe")(e)),
+                Err(_) => {
+                    listener.alive.store(false, Ordering::Release);
+                    break;
+                }
+            }
+        }
+        let Some(mut waiter) = waiter else { return self.poll_until(task_id, deadline).await };
         let mut last = self.get_until(task_id, deadline).await?;
         if last.as_ref().is_some_and(|m| m.status.is_ready()) {
             return Ok(last);

@@ -223,7 +223,6 @@ impl SqliteBroker {
         if queues.is_empty() || max == 0 {
             return Ok(Vec::new());
         }
-        let now = now_millis();
         let token = uuid::Uuid::new_v4().to_string();
         let placeholders = vec!["?"; queues.len()].join(", ");
         // First the promotion of what came due (ETAs reached, leases run out; with nothing
@@ -231,6 +230,9 @@ impl SqliteBroker {
         // with `ready = 1`. Two statements, each its own transaction, on the write connection
         // held for both.
         let mut w = self.db.writer().await;
+        // The clock is read once the writer is ours: a wait for it (every write of the process
+        // takes turns on it) must not shorten the lease this claim writes.
+        let now = now_millis();
         sqlx::query("UPDATE celeriac_messages SET ready = 1 WHERE ready = 0 AND visible_at <= ?")
             .bind(now)
             .execute(&mut *w)
@@ -400,8 +402,8 @@ impl Broker for SqliteBroker {
     }
 
     async fn renew(&self, deliveries: &[Delivery]) -> Result<(), BrokerError> {
-        let until = now_millis() + self.lease.as_millis() as i64;
         let mut w = self.db.writer().await;
+        let until = now_millis() + self.lease.as_millis() as i64;
         let mut tx = w.begin().await.map_err(err("renew"))?;
         for d in deliveries {
             let (id, token) = split_tag(&d.tag);

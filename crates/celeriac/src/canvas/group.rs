@@ -104,7 +104,9 @@ async fn apply_tasks(
 ) -> Result<Vec<Res>, Error> {
     // The members' messages go out in broker batches of up to `FLUSH_EVERY` (so workers start
     // on a big group while the rest is being built). A group inside a group joins the outer
-    // batches.
+    // batches. A failure partway (a member that cannot be built, a publish that fails) leaves
+    // the batches already sent, as Celery's member-by-member sending does; the error is the
+    // caller's.
     const FLUSH_EVERY: usize = 1000;
     let batched;
     let (ctx, outbox) = match &ctx.outbox {
