@@ -161,7 +161,18 @@ async fn redis_backend_contract() {
             tokio::spawn(async move { b.wait_ready(&format!("w-{}", i % 10), Duration::from_secs(5)).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let channels = |conn: &redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let names: Vec<String> =
+                redis::cmd("PUBSUB").arg("CHANNELS").arg("celery-task-meta-w-*").query_async(&mut conn).await.unwrap();
+            names.len()
+        }
+    };
+    // Every key subscribed before anything is stored, so the records arrive as messages.
+    assert!(common::eventually(Duration::from_secs(5), || async { channels(&conn).await == 10 }).await);
     for k in 0..10 {
         backend.store(&ResultMeta::new(format!("w-{k}"), State::Success, json!(k)), None).await.unwrap();
     }
@@ -169,17 +180,7 @@ async fn redis_backend_contract() {
         let meta = w.await.unwrap().unwrap().expect("a record");
         assert_eq!((meta.status, meta.result), (State::Success, json!(i % 10)));
     }
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let conn = client.get_multiplexed_async_connection().await.unwrap();
-    let left = common::eventually(Duration::from_secs(5), || {
-        let mut conn = conn.clone();
-        async move {
-            let channels: Vec<String> =
-                redis::cmd("PUBSUB").arg("CHANNELS").arg("celery-task-meta-w-*").query_async(&mut conn).await.unwrap();
-            channels.is_empty()
-        }
-    })
-    .await;
+    let left = common::eventually(Duration::from_secs(5), || async { channels(&conn).await == 0 }).await;
     assert!(left, "every waiter's subscription is gone once it is done");
 
     // Members counted in one batch keep their errors to themselves: a chord whose counting key
