@@ -85,8 +85,9 @@ def control(command, node, *args):
     return replies[0][node]
 
 
-def wait_for(what, probe, timeout=TIMEOUT, every=0.1):
-    """Calls `probe()` until it returns something truthy; returns it."""
+def wait_for(what, probe, timeout=TIMEOUT, every=0.1, seen=None):
+    """Calls `probe()` until it returns something truthy; returns it. `seen`: a dict the probe
+    fills with what it last saw, printed if it never matches."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -94,7 +95,7 @@ def wait_for(what, probe, timeout=TIMEOUT, every=0.1):
         if last:
             return last
         time.sleep(every)
-    pytest.fail(f"{what}: not seen after {timeout} s (last: {last!r})")
+    pytest.fail(f"{what}: not seen after {timeout} s (last: {last!r}; seen: {seen!r})")
 
 
 def polled(method, node):
@@ -395,10 +396,15 @@ def test_reserved_scheduled_and_query_task(dedicated_worker):
     waiting = rust_add.apply_async((5, 5), queue=queue)
     eta = datetime.now(timezone.utc) + timedelta(seconds=14)
     later = rust_add.apply_async((6, 6), queue=queue, eta=eta)
-    wait_for("one reserved, one scheduled", lambda: (
-        [t["id"] for t in polled("reserved", node)] == [waiting.id]
-        and [t["request"]["id"] for t in polled("scheduled", node)] == [later.id]
-    ))
+    seen = {"want": {"reserved": [waiting.id], "scheduled": [later.id], "blocker": blocker.id}}
+
+    def one_reserved_one_scheduled():
+        seen["reserved"] = [t["id"] for t in polled("reserved", node)]
+        seen["scheduled"] = [t["request"]["id"] for t in polled("scheduled", node)]
+        seen["active"] = sorted(active_ids(node))
+        return seen["reserved"] == [waiting.id] and seen["scheduled"] == [later.id]
+
+    wait_for("one reserved, one scheduled", one_reserved_one_scheduled, seen=seen)
 
     [info] = inspect("reserved", node)
     assert (info["id"], info["name"], info["type"]) == (waiting.id, "rust.add", "rust.add")
