@@ -108,6 +108,29 @@ pub(crate) async fn open(url: &str) -> Result<SqlitePool, sqlx::Error> {
     pool(path_of(url), 4, 1).await
 }
 
+/// Adds `column` (its definition, e.g. `ready INTEGER NOT NULL DEFAULT 1`) to `table` of a
+/// file made before it existed; `true` when this call added it. Another process opening the
+/// same old file may add it first ("duplicate column"): `false` then, as when it was there.
+pub(crate) async fn add_column(conn: &mut SqliteConnection, table: &str, column: &str) -> Result<bool, sqlx::Error> {
+    let name = column.split_whitespace().next().unwrap_or_default();
+    let present = sqlx::query("SELECT 1 FROM pragma_table_info(?) WHERE name = ?")
+        .bind(table)
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?
+        .is_some();
+    if present {
+        return Ok(false);
+    }
+    // Only the crate's own table and column names are interpolated.
+    let sql = format!("ALTER TABLE {table} ADD COLUMN {column}");
+    match sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("duplicate column") => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// Statement shapes for batches: a batch goes out in chunks of at most the largest, each
 /// padded up to the smallest shape that holds it, so a handful of statements serve every
 /// batch size from sqlx's per-connection statement cache (a statement per size would be

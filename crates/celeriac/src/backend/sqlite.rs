@@ -8,7 +8,7 @@ use crate::protocol::State;
 use crate::sqlite_common::{SHAPES, now_millis, open_shared, path_of, shaped_chunks};
 use async_trait::async_trait;
 use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Row, SqlitePool};
+use sqlx::{Connection, Row};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -54,8 +54,6 @@ pub struct SqliteBackend {
     /// The file's connections (shared with a broker on the same file): writes go through
     /// its one write connection.
     db: std::sync::Arc<crate::sqlite_common::Db>,
-    /// Connections for reads only.
-    read: SqlitePool,
     url: String,
     written: Notify,
     /// Result writes go out in batches: one transaction (one commit) for all those waiting.
@@ -135,22 +133,8 @@ fn err(operation: &'static str) -> impl FnOnce(sqlx::Error) -> BackendError {
 /// Creates the tables (a no-op when they are there) and adds columns older files lack.
 async fn create_schema(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(SCHEMA).execute(&mut *pool).await?;
-    // Files made before `add_to_chord` lack the column; it is added once. New files have it
-    // from the start, so two processes opening a new file never race to add it.
-    let has_added = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_chords') WHERE name = 'added'")
-        .fetch_optional(&mut *pool)
-        .await?
-        .is_some();
-    if !has_added {
-        // Another process opening the same old file may add it first.
-        if let Err(e) = sqlx::raw_sql("ALTER TABLE celeriac_chords ADD COLUMN added INTEGER NOT NULL DEFAULT 0")
-            .execute(&mut *pool)
-            .await
-            && !e.to_string().contains("duplicate column name")
-        {
-            return Err(e);
-        }
-    }
+    // Files made before `add_to_chord` lack the column.
+    crate::sqlite_common::add_column(pool, "celeriac_chords", "added INTEGER NOT NULL DEFAULT 0").await?;
     Ok(())
 }
 
@@ -158,7 +142,6 @@ impl SqliteBackend {
     /// Opens (creating if needed) the database in `url`.
     pub async fn connect(url: &str) -> Result<Self, BackendError> {
         let db = open_shared(url).await.map_err(err("open"))?;
-        let read = db.read.clone();
         crate::sqlite_common::retry_locked(|| async { create_schema(&mut *db.writer().await).await })
             .await
             .map_err(err("create schema"))?;
@@ -169,7 +152,7 @@ impl SqliteBackend {
                 Box::pin(async move { store_many(&mut *db.writer().await, &rows).await.map_err(|e| e.to_string()) })
             })
         };
-        Ok(SqliteBackend { db, read, url: format!("sqlite://{}", path_of(url)), written: Notify::new(), writer })
+        Ok(SqliteBackend { db, url: format!("sqlite://{}", path_of(url)), written: Notify::new(), writer })
     }
 }
 
@@ -196,7 +179,7 @@ impl ResultBackend for SqliteBackend {
         )
         .bind(task_id)
         .bind(now_millis())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.db.read)
         .await
         .map_err(err("get"))?;
         row.map(|r| {
@@ -362,7 +345,7 @@ impl ResultBackend for SqliteBackend {
         )
         .bind(group_id)
         .bind(now_millis())
-        .fetch_optional(&self.read)
+        .fetch_optional(&self.db.read)
         .await
         .map_err(err("restore group"))?;
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("result")).ok()))
@@ -384,7 +367,7 @@ impl ResultBackend for SqliteBackend {
             sqlx::query("SELECT value FROM celeriac_records WHERE key = ? AND (expires_at IS NULL OR expires_at > ?)")
                 .bind(key)
                 .bind(now_millis())
-                .fetch_optional(&self.read)
+                .fetch_optional(&self.db.read)
                 .await
                 .map_err(err("get record"))?;
         Ok(row.and_then(|r| serde_json::from_slice(&r.get::<Vec<u8>, _>("value")).ok()))

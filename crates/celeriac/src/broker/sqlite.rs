@@ -17,11 +17,11 @@ use super::ops::{Attempt, Bucket, STALE_TURNS, attempt};
 use super::{Broker, BrokerError, DeadLetter, DeadLetterInfo, Delivery, QueueStats, Revoked, peek_ids, visible_at};
 use crate::config::Config;
 use crate::protocol::Message;
-use crate::sqlite_common::{millis, now_millis, open_shared, path_of, shaped_chunks};
+use crate::sqlite_common::{add_column, millis, now_millis, open_shared, path_of, shaped_chunks};
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use sqlx::sqlite::SqliteConnection;
-use sqlx::{Connection, Row, SqlitePool};
+use sqlx::{Connection, Row};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -86,21 +86,7 @@ const DEAD_LETTER_COLUMNS: &[&str] = &["error_type TEXT", "traceback TEXT", "ret
 async fn create_schema(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
     sqlx::raw_sql(SCHEMA).execute(&mut *pool).await?;
     for column in DEAD_LETTER_COLUMNS {
-        let name = column.split_whitespace().next().unwrap_or_default();
-        let present = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_dead_letters') WHERE name = ?")
-            .bind(name)
-            .fetch_optional(&mut *pool)
-            .await?
-            .is_some();
-        if present {
-            continue;
-        }
-        let sql = format!("ALTER TABLE celeriac_dead_letters ADD COLUMN {column}");
-        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *pool).await
-            && !e.to_string().contains("duplicate column")
-        {
-            return Err(e);
-        }
+        add_column(pool, "celeriac_dead_letters", column).await?;
     }
     add_ready_column(pool).await?;
     sqlx::raw_sql(INDEXES).execute(&mut *pool).await?;
@@ -112,20 +98,8 @@ async fn create_schema(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
 /// may add the column first; a row left at 1 with `visible_at` ahead is still only claimed
 /// once due (the claim checks `visible_at` too), it is merely in the claim's index early.
 async fn add_ready_column(pool: &mut SqliteConnection) -> Result<(), sqlx::Error> {
-    let present = sqlx::query("SELECT 1 FROM pragma_table_info('celeriac_messages') WHERE name = 'ready'")
-        .fetch_optional(&mut *pool)
-        .await?
-        .is_some();
-    if present {
+    if !add_column(pool, "celeriac_messages", "ready INTEGER NOT NULL DEFAULT 1").await? {
         return Ok(());
-    }
-    match sqlx::raw_sql("ALTER TABLE celeriac_messages ADD COLUMN ready INTEGER NOT NULL DEFAULT 1")
-        .execute(&mut *pool)
-        .await
-    {
-        Err(e) if e.to_string().contains("duplicate column") => return Ok(()),
-        Err(e) => return Err(e),
-        Ok(_) => {}
     }
     sqlx::query("UPDATE celeriac_messages SET ready = 0 WHERE visible_at > ?")
         .bind(now_millis())
@@ -170,8 +144,6 @@ pub struct SqliteBroker {
     /// The file's connections (shared with a backend on the same file): writes go through
     /// its one write connection.
     db: std::sync::Arc<crate::sqlite_common::Db>,
-    /// Connections for reads only.
-    read: SqlitePool,
     url: String,
     lease: Duration,
     polling_interval: Duration,
@@ -194,7 +166,6 @@ impl SqliteBroker {
     /// `visibility_timeout` (lease seconds, default 10), `polling_interval` (seconds, 0.1).
     pub async fn connect(url: &str, config: &Config) -> Result<Self, BrokerError> {
         let db = open_shared(url).await.map_err(|e| BrokerError::storage("open", e))?;
-        let read = db.read.clone();
         crate::sqlite_common::retry_locked(|| async { create_schema(&mut *db.writer().await).await })
             .await
             .map_err(err("create schema"))?;
@@ -210,7 +181,6 @@ impl SqliteBroker {
         };
         Ok(SqliteBroker {
             db,
-            read,
             url: format!("sqlite://{}", path_of(url)),
             lease: secs("visibility_timeout", 10.0),
             polling_interval: secs("polling_interval", 0.1),
@@ -517,7 +487,7 @@ impl Broker for SqliteBroker {
         // Every revoke writes a row with a new `seq` (AUTOINCREMENT never hands one out twice);
         // pruning can lower the maximum, which reads as a change too.
         let (max,): (Option<i64>,) = sqlx::query_as("SELECT MAX(seq) FROM celeriac_revoked")
-            .fetch_one(&self.read)
+            .fetch_one(&self.db.read)
             .await
             .map_err(err("read revoked"))?;
         Ok(max.unwrap_or(0) as u64)
@@ -531,7 +501,7 @@ impl Broker for SqliteBroker {
             .await
             .map_err(err("prune revoked"))?;
         let rows = sqlx::query("SELECT task_id, terminate, expires_at FROM celeriac_revoked ORDER BY seq")
-            .fetch_all(&self.read)
+            .fetch_all(&self.db.read)
             .await
             .map_err(err("read revoked"))?;
         Ok(rows
@@ -630,7 +600,7 @@ impl Broker for SqliteBroker {
     async fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, BrokerError> {
         let rows = sqlx::query("SELECT * FROM celeriac_dead_letters ORDER BY id DESC LIMIT ?")
             .bind(limit as i64)
-            .fetch_all(&self.read)
+            .fetch_all(&self.db.read)
             .await
             .map_err(err("list dead letters"))?;
         Ok(rows.iter().map(Self::dead_letter_from_row).collect())
@@ -640,7 +610,7 @@ impl Broker for SqliteBroker {
         let Ok(id) = id.parse::<i64>() else { return Ok(None) };
         let row = sqlx::query("SELECT * FROM celeriac_dead_letters WHERE id = ?")
             .bind(id)
-            .fetch_optional(&self.read)
+            .fetch_optional(&self.db.read)
             .await
             .map_err(err("read dead letter"))?;
         Ok(row.as_ref().map(Self::dead_letter_from_row))
@@ -682,7 +652,7 @@ impl Broker for SqliteBroker {
              FROM celeriac_messages GROUP BY queue ORDER BY queue",
         )
         .bind(now_millis())
-        .fetch_all(&self.read)
+        .fetch_all(&self.db.read)
         .await
         .map_err(err("stats"))?;
         Ok(rows
@@ -732,7 +702,7 @@ mod tests {
     }
 
     async fn ready_flags(b: &SqliteBroker) -> Vec<(Vec<u8>, bool)> {
-        sqlx::query_as("SELECT payload, ready FROM celeriac_messages ORDER BY id").fetch_all(&b.read).await.unwrap()
+        sqlx::query_as("SELECT payload, ready FROM celeriac_messages ORDER BY id").fetch_all(&b.db.read).await.unwrap()
     }
 
     #[tokio::test]
@@ -891,7 +861,7 @@ mod tests {
         let indexes: Vec<(String,)> = sqlx::query_as(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'celeriac_messages' ORDER BY name",
         )
-        .fetch_all(&b.read)
+        .fetch_all(&b.db.read)
         .await
         .unwrap();
         let names: Vec<&str> = indexes.iter().map(|(n,)| n.as_str()).collect();

@@ -217,64 +217,44 @@ const STRINGS: &[&str] = &[
     "\"\\ud800\"",
 ];
 
-const KEYS: &[&str] = &[
-    // Envelope
-    "body",
-    "content-encoding",
-    "content-type",
-    "headers",
-    "properties",
-    // Headers
-    "lang",
-    "task",
-    "id",
-    "shadow",
-    "eta",
-    "expires",
-    "group",
-    "group_index",
-    "retries",
-    "timelimit",
-    "root_id",
-    "parent_id",
-    "argsrepr",
-    "kwargsrepr",
-    "origin",
-    "ignore_result",
-    "replaced_task_nesting",
-    "stamped_headers",
-    "stamps",
-    "compression",
-    // Properties
-    "correlation_id",
-    "reply_to",
-    "delivery_mode",
-    "expiration",
-    "delivery_info",
-    "priority",
-    "body_encoding",
-    "delivery_tag",
-    "exchange",
-    "routing_key",
-    // Embed
-    "callbacks",
-    "errbacks",
-    "chain",
-    "chord",
-    // Signature
-    "args",
-    "kwargs",
-    "options",
-    "subtask_type",
-    "immutable",
-    "chord_size",
-    // Others
-    "x-trace",
-    "redelivered",
-    "extra",
-    "$serde_json::private::Number",
-    "caf\u{e9}",
-];
+static KEYS: std::sync::LazyLock<Vec<&'static str>> = std::sync::LazyLock::new(|| {
+    // Envelope, then the named headers, then the rest.
+    let mut keys = vec!["body", "content-encoding", "content-type", "headers", "properties"];
+    keys.extend(crate::protocol::TaskHeaders::FIELDS);
+    keys.extend([
+        "compression",
+        // Properties
+        "correlation_id",
+        "reply_to",
+        "delivery_mode",
+        "expiration",
+        "delivery_info",
+        "priority",
+        "body_encoding",
+        "delivery_tag",
+        "exchange",
+        "routing_key",
+        // Embed
+        "callbacks",
+        "errbacks",
+        "chain",
+        "chord",
+        // Signature
+        "args",
+        "kwargs",
+        "options",
+        "subtask_type",
+        "immutable",
+        "chord_size",
+        // Others
+        "x-trace",
+        "redelivered",
+        "extra",
+        "$serde_json::private::Number",
+        "caf\u{e9}",
+    ]);
+    keys
+});
 
 fn scalar(rng: &mut StdRng) -> J {
     J::Raw(match rng.random_range(0..10) {
